@@ -1,0 +1,1 @@
+"""Measured latency profiles, found by device name."""

@@ -1,0 +1,3 @@
+"""nasforge: hardware-aware neural architecture search."""
+
+__version__ = "0.1.0"

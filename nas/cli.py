@@ -1,0 +1,195 @@
+"""The ``nas`` command. It owns the terminal: tables, progress bars and exit codes.
+
+Exit codes: 0 success, 1 a check failed (export parity, INT8 agreement), 2 bad input (space file, arch, data,
+run directory), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nas
+
+logger = logging.getLogger("nas")
+
+DEFAULT_SPACE = "digits_quick"
+
+
+class UsageError(Exception):
+    """Bad input on the command line; printed without a traceback, exit code 2."""
+
+
+def _progress_factory():
+    from tqdm import tqdm
+
+    def make(total: int, description: str, initial: int) -> Any:
+        return tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+
+    return make
+
+
+def _load_config(space: str):
+    from nas.config import load_config
+
+    return load_config(space)
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    config = _load_config(args.space)
+    space = config.space
+    print(f"{args.space}: valid ({space.modality} space {space.name!r}, {len(space.stages)} stages, {space.count():,} subnets)")
+    return 0
+
+
+def command_space_list(args: argparse.Namespace) -> int:
+    from nas.config import builtin_spaces
+
+    for name, path in sorted(builtin_spaces().items()):
+        print(f"{name:20s} {path}")
+    return 0
+
+
+def command_space_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from nas.supernets.costs import space_costs
+
+    config = _load_config(args.space)
+    space = config.space
+    costs = space_costs(space)
+    sizes = "resolutions" if space.modality == "image" else "sequence lengths"
+    print(f"space          {space.name} ({space.modality}, task {config.task.dataset})")
+    print(f"subnets        {space.count():,}  (= {space.count()})")
+    print(f"{sizes:14s} {list(space.input_sizes)}")
+    print(f"parameters     {costs.min_params:,} .. {costs.max_params:,}")
+    print(f"MACs           {costs.min_macs:,} .. {costs.max_macs:,}  (batch 1)")
+    for index, stage in enumerate(space.stages):
+        types = ", ".join(f"{choices.type} ({choices.count()})" for choices in stage.blocks)
+        print(f"stage {index}        depth {list(stage.depths)} width {list(stage.widths)} stride {stage.stride}: {types}")
+    arch = space.sample(np.random.default_rng(args.seed))
+    print(f"sampled arch (seed {args.seed}):")
+    print(json.dumps(arch.to_dict(), indent=1))
+    return 0
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from nas.train import train
+
+    config = _load_config(args.space)
+    result = train(config, Path(args.out), resume=args.resume, progress=_progress_factory())
+    _print_metrics(result.metrics)
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    rows = [(name, metrics[name]) for name in ("largest", "smallest") if name in metrics]
+    rows += [(f"{family} {size}", values[size]) for family, values in metrics.get("families", {}).items() for size in ("largest", "smallest")]
+    for name, values in rows:
+        print(f"{name:28s} val {values['val']:.4f}  test {values['test']:.4f}")
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from nas.workflow import export_arch
+
+    report = export_arch(Path(args.run_dir), args.arch, int8=args.int8, out=Path(args.out) if args.out else None)
+    _print_export(report)
+    return 0
+
+
+def _print_export(report: Any) -> None:
+    result = report.export
+    print(f"wrote {result.path}  (test accuracy {report.test_accuracy:.4f}; ONNX Runtime vs PyTorch max abs error {result.max_abs_error:.2e})")
+    if result.int8_path is not None:
+        print(f"wrote {result.int8_path}  (INT8 top-1 agreement with fp32 on the validation split {result.int8_top1_agreement:.2%})")
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from nas.train import train
+    from nas.workflow import export_arch
+
+    config = _load_config(args.space)
+    out = Path(args.out) if args.out else Path("runs") / config.space.name
+    resume = args.resume or (out / "checkpoint").exists()
+    result = train(config, out, resume=resume, progress=_progress_factory())
+    _print_metrics(result.metrics)
+    for name in ("largest", "smallest"):
+        _print_export(export_arch(out, name, int8=not args.no_int8, out=out / "exports" / name))
+    print(f"run directory: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nas", description="nasforge: hardware-aware neural architecture search")
+    parser.add_argument("--version", action="version", version=f"nasforge {nas.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check a search-space file and report every problem")
+    validate.add_argument("space", help="path to a YAML file or the name of a built-in space")
+    validate.set_defaults(handler=command_validate)
+
+    space = commands.add_parser("space", help="inspect search spaces").add_subparsers(dest="space_command", required=True)
+    info = space.add_parser("info", help="subnet count, parameter and MAC range, a sampled arch")
+    info.add_argument("space")
+    info.add_argument("--seed", type=int, default=0)
+    info.set_defaults(handler=command_space_info)
+    listing = space.add_parser("list", help="built-in spaces")
+    listing.set_defaults(handler=command_space_list)
+
+    train = commands.add_parser("train", help="train the supernet of a space")
+    train.add_argument("space")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.set_defaults(handler=command_train)
+
+    export = commands.add_parser("export", help="export a subnet of a trained run to ONNX")
+    export.add_argument("run_dir")
+    export.add_argument("--arch", required=True, help="'largest', 'smallest', arch JSON, or a .json/.yaml file")
+    export.add_argument("--int8", action="store_true", help="also write a static-QDQ INT8 model")
+    export.add_argument("--out", help="output folder (default RUN_DIR/exports/<arch>)")
+    export.set_defaults(handler=command_export)
+
+    run = commands.add_parser("run", help="train (or resume) and export the largest and smallest subnets")
+    run.add_argument("space", nargs="?", default=DEFAULT_SPACE, help=f"default: the embedded {DEFAULT_SPACE}")
+    run.add_argument("--out", help="run directory (default runs/<space name>)")
+    run.add_argument("--resume", action="store_true")
+    run.add_argument("--no-int8", action="store_true", help="skip the INT8 export")
+    run.set_defaults(handler=command_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from nas.config import ConfigError
+    from nas.data import DataError
+    from nas.export import ExportError
+    from nas.supernets.space import ArchError
+    from nas.train import RunError
+
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (DataError, ArchError, RunError, UsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ExportError as error:
+        print(f"export check failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last completed epoch is checkpointed: rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in search spaces, found by name (YAML only)."""

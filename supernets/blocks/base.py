@@ -1,0 +1,294 @@
+"""The block protocol: field rules, block configs, the elastic block base and the registry.
+
+A block is declared once, in its own module:
+
+* a frozen ``slots`` dataclass of concrete values whose fields carry a rule (``choice(IntRule(...))``); the YAML
+  schema, validation, sampling, counting and the Optuna space are all generated from those fields;
+* an ``ElasticBlock`` subclass holding the weights of the largest choice, with ``set_active`` and ``extract``;
+* the static module that ``extract`` returns, constructible from ``(config, BlockContext)``;
+* ``@register_block("lower_snake_name", ...)`` on the elastic class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+MODALITIES = ("image", "sequence")
+
+
+@dataclass(frozen=True, slots=True)
+class IntRule:
+    """An integer in ``[minimum, maximum]``, optionally odd."""
+
+    minimum: int
+    maximum: int
+    odd: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, got {value!r}"
+        if not self.minimum <= value <= self.maximum:
+            return f"must be between {self.minimum} and {self.maximum}, got {value}"
+        if self.odd and value % 2 == 0:
+            return f"must be odd, got {value}"
+        return None
+
+    def largest(self, values: tuple[Any, ...]) -> Any:
+        return max(values)
+
+    def smallest(self, values: tuple[Any, ...]) -> Any:
+        return min(values)
+
+
+@dataclass(frozen=True, slots=True)
+class FloatRule:
+    """A number in ``[minimum, maximum]`` (integers are accepted and kept as given)."""
+
+    minimum: float
+    maximum: float
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number, got {value!r}"
+        if not self.minimum <= value <= self.maximum:
+            return f"must be between {self.minimum} and {self.maximum}, got {value}"
+        return None
+
+    def largest(self, values: tuple[Any, ...]) -> Any:
+        return max(values)
+
+    def smallest(self, values: tuple[Any, ...]) -> Any:
+        return min(values)
+
+
+@dataclass(frozen=True, slots=True)
+class OptionRule:
+    """One of a fixed set of names; the first listed choice counts as both largest and smallest."""
+
+    values: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        if value in self.values:
+            return None
+        hint = difflib.get_close_matches(str(value), self.values, n=1)
+        suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"must be one of {list(self.values)}, got {value!r}{suffix}"
+
+    def largest(self, values: tuple[Any, ...]) -> Any:
+        return values[0]
+
+    def smallest(self, values: tuple[Any, ...]) -> Any:
+        return values[0]
+
+
+@dataclass(frozen=True, slots=True)
+class BoolRule:
+    """``true`` or ``false``; ``true`` counts as the larger choice."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+    def largest(self, values: tuple[Any, ...]) -> Any:
+        return max(values)
+
+    def smallest(self, values: tuple[Any, ...]) -> Any:
+        return min(values)
+
+
+Rule = IntRule | FloatRule | OptionRule | BoolRule
+
+
+def choice(rule: Rule, description: str) -> Any:
+    """Declare a config field searchable under ``rule``."""
+    return dataclasses.field(metadata={"rule": rule, "description": description})
+
+
+def field_rules(config_class: type) -> dict[str, Rule]:
+    """The rule of every field of a block config class, in declaration order."""
+    return {field.name: field.metadata["rule"] for field in dataclasses.fields(config_class)}
+
+
+@dataclass(frozen=True, slots=True)
+class BlockContext:
+    """Where a block sits. For an elastic block the channel counts are the largest; for a static one, exact."""
+
+    modality: str
+    in_channels: int
+    out_channels: int
+    stride: int = 1
+    causal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BlockType:
+    """A registered block: its YAML name, config, elastic and static classes, and what it supports."""
+
+    name: str
+    config_class: type
+    elastic_class: type[ElasticBlock]
+    static_class: type[nn.Module]
+    modalities: frozenset[str]
+    reshapes: bool
+
+    @property
+    def rules(self) -> dict[str, Rule]:
+        return field_rules(self.config_class)
+
+
+REGISTRY: dict[str, BlockType] = {}
+
+
+def register_block(
+    name: str, *, config: type, static: type[nn.Module], modalities: tuple[str, ...], reshapes: bool
+) -> Any:
+    """Class decorator registering an ``ElasticBlock`` under ``name`` (used as ``type: name`` in YAML).
+
+    ``reshapes``: the block can change width and apply the stage stride itself (MBConv). Blocks that cannot
+    (attention, GLA) get a stage-entry projection from the supernet.
+    """
+
+    def decorate(elastic_class: type[ElasticBlock]) -> type[ElasticBlock]:
+        if name in REGISTRY:
+            raise ValueError(f"block type {name!r} is registered twice")
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"block {name!r}: unknown modalities {sorted(unknown)}")
+        REGISTRY[name] = BlockType(name, config, elastic_class, static, frozenset(modalities), reshapes)
+        elastic_class.block_type = name
+        return elastic_class
+
+    return decorate
+
+
+def block_type(name: str) -> BlockType:
+    """The registered block called ``name``; unknown names get a "did you mean"."""
+    from . import ensure_registered
+
+    ensure_registered()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        hint = difflib.get_close_matches(name, REGISTRY, n=1)
+        suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise KeyError(f"unknown block type {name!r}; registered: {sorted(REGISTRY)}{suffix}") from None
+
+
+def type_of(config: Any) -> BlockType:
+    """The registered block whose config class ``config`` is an instance of."""
+    from . import ensure_registered
+
+    ensure_registered()
+    for entry in REGISTRY.values():
+        if type(config) is entry.config_class:
+            return entry
+    raise TypeError(f"{type(config).__name__} is not a registered block config")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockChoices:
+    """The choices of one block type at one position: ``fields`` maps each config field to its allowed values."""
+
+    type: str
+    fields: tuple[tuple[str, tuple[Any, ...]], ...]
+
+    @classmethod
+    def build(cls, type_name: str, fields: Mapping[str, tuple[Any, ...]]) -> BlockChoices:
+        rules = block_type(type_name).rules
+        return cls(type_name, tuple((name, tuple(fields[name])) for name in rules))
+
+    def __getitem__(self, name: str) -> tuple[Any, ...]:
+        for field_name, values in self.fields:
+            if field_name == name:
+                return values
+        raise KeyError(name)
+
+    @property
+    def entry(self) -> BlockType:
+        return block_type(self.type)
+
+    def count(self) -> int:
+        total = 1
+        for _, values in self.fields:
+            total *= len(values)
+        return total
+
+    def configs(self) -> Iterator[Any]:
+        """Every config these choices allow."""
+        names = [name for name, _ in self.fields]
+        for values in itertools.product(*(values for _, values in self.fields)):
+            yield self.entry.config_class(**dict(zip(names, values)))
+
+    def largest(self) -> Any:
+        rules = self.entry.rules
+        return self.entry.config_class(**{name: rules[name].largest(values) for name, values in self.fields})
+
+    def smallest(self) -> Any:
+        rules = self.entry.rules
+        return self.entry.config_class(**{name: rules[name].smallest(values) for name, values in self.fields})
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.entry.config_class(**{name: values[rng.integers(len(values))] for name, values in self.fields})
+
+    def check(self, config: Any) -> None:
+        """Raise ``ValueError`` naming the first field of ``config`` outside these choices."""
+        if type(config) is not self.entry.config_class:
+            raise ValueError(f"expected a {self.entry.config_class.__name__}, got {type(config).__name__}")
+        for name, values in self.fields:
+            value = getattr(config, name)
+            if value not in values:
+                raise ValueError(f"{self.type}.{name} must be one of {list(values)}, got {value!r}")
+
+
+class ElasticBlock(nn.Module, ABC):
+    """Base of every elastic block: weights of the largest choice, one active config at a time.
+
+    Subclasses build their weights in ``__init__`` from ``context`` (largest channel counts) and ``choices``
+    (largest value of each field), and implement ``forward`` and ``extract`` for ``self.config``.
+    """
+
+    block_type: ClassVar[str]
+
+    def __init__(self, context: BlockContext, choices: BlockChoices) -> None:
+        super().__init__()
+        self.context = context
+        self.choices = choices
+        self.config: Any = choices.largest()
+        self.in_channels = context.in_channels
+        self.out_channels = context.out_channels
+
+    def set_active(self, config: Any, in_channels: int, out_channels: int) -> None:
+        """Activate ``config`` with the given widths; raises ``ValueError`` on a value outside the choices."""
+        self.choices.check(config)
+        for name, value, largest in (
+            ("in_channels", in_channels, self.context.in_channels),
+            ("out_channels", out_channels, self.context.out_channels),
+        ):
+            if not 1 <= value <= largest:
+                raise ValueError(f"{self.block_type}.{name} must be between 1 and {largest}, got {value}")
+        self.config = config
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+    @property
+    def static_context(self) -> BlockContext:
+        """The exact context of the active choice."""
+        return dataclasses.replace(self.context, in_channels=self.in_channels, out_channels=self.out_channels)
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """image: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride];
+        sequence: [B, L, in_channels] -> [B, L, out_channels]."""
+
+    @abstractmethod
+    def extract(self) -> nn.Module:
+        """A static module equal to the active choice in eval mode, sharing no storage with this block."""

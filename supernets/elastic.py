@@ -1,0 +1,254 @@
+"""Elastic primitives: the only place where shared weights are sliced.
+
+Every primitive holds the weights of its largest choice and is called with the active sizes, which the block
+receives from the supernet (never read from ``x.shape``). Slicing rules:
+
+* channels, features and heads: the leading slice (``weight[:out, :in]``);
+* kernels: the centred ``k x k`` window, optionally passed through Once-for-All's learned kernel transform
+  matrices (7 -> 5 -> 3), which start as the identity;
+* per-head sub-dimensions (e.g. key dimension inside each head): an index over ``[heads, max_dim]`` rows.
+
+``export(...)`` returns a static ``torch.nn`` layer with cloned, contiguous weights that shares no storage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def centred_kernel(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The centred ``kernel_size`` window of ``weight: [O, I, K, K]``."""
+    full = weight.shape[-1]
+    start = (full - kernel_size) // 2
+    return weight[..., start : start + kernel_size, start : start + kernel_size]
+
+
+def head_rows(num_heads: int, active_dim: int, max_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Row indices of the first ``active_dim`` entries of each of the first ``num_heads`` heads.
+
+    For a projection laid out head-major as ``[max_heads * max_dim, ...]``.
+    """
+    heads = torch.arange(num_heads, device=device).unsqueeze(1) * max_dim
+    return (heads + torch.arange(active_dim, device=device).unsqueeze(0)).reshape(-1)
+
+
+class ElasticConv2d(nn.Module):
+    """2D convolution with elastic input/output channels and kernel size.
+
+    Args:
+        max_in_channels, max_out_channels: sizes of the largest choice.
+        kernel_sizes: the kernel choices; weights are stored for the largest.
+        stride: fixed stride.
+        depthwise: one filter per channel (``groups = channels``; ``in_channels`` must equal ``out_channels``).
+        bias: learnable bias.
+        kernel_transform: learn Once-for-All's transform matrices between successive kernel sizes.
+    """
+
+    def __init__(
+        self,
+        max_in_channels: int,
+        max_out_channels: int,
+        kernel_sizes: tuple[int, ...] = (1,),
+        stride: int = 1,
+        *,
+        depthwise: bool = False,
+        bias: bool = False,
+        kernel_transform: bool = False,
+    ) -> None:
+        super().__init__()
+        if depthwise and max_in_channels != max_out_channels:
+            raise ValueError("a depthwise convolution needs max_in_channels == max_out_channels")
+        self.kernel_sizes = tuple(sorted(set(kernel_sizes), reverse=True))
+        self.max_kernel_size = self.kernel_sizes[0]
+        self.stride = stride
+        self.depthwise = depthwise
+        in_per_group = 1 if depthwise else max_in_channels
+        self.weight = nn.Parameter(torch.empty(max_out_channels, in_per_group, self.max_kernel_size, self.max_kernel_size))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out")
+        self.bias = nn.Parameter(torch.zeros(max_out_channels)) if bias else None
+        self.transforms = nn.ParameterDict()
+        if kernel_transform:
+            for larger, smaller in zip(self.kernel_sizes, self.kernel_sizes[1:]):
+                self.transforms[f"{larger}to{smaller}"] = nn.Parameter(torch.eye(smaller * smaller))
+
+    def active_weight(self, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+        """Weight of the active choice: ``[out, in or 1, k, k]``."""
+        if kernel_size not in self.kernel_sizes:
+            raise ValueError(f"kernel_size must be one of {sorted(self.kernel_sizes)}, got {kernel_size}")
+        weight = self.weight[:out_channels] if self.depthwise else self.weight[:out_channels, :in_channels]
+        if not self.transforms:
+            return centred_kernel(weight, kernel_size)
+        current = self.max_kernel_size
+        for smaller in self.kernel_sizes[1:]:
+            if current == kernel_size:
+                break
+            cropped = centred_kernel(weight, smaller)
+            matrix = self.transforms[f"{current}to{smaller}"]
+            shape = cropped.shape
+            weight = (cropped.reshape(-1, smaller * smaller) @ matrix.t()).reshape(shape)
+            current = smaller
+        return weight
+
+    def forward(self, x: torch.Tensor, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+        """x: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride]."""
+        weight = self.active_weight(in_channels, out_channels, kernel_size)
+        bias = None if self.bias is None else self.bias[:out_channels]
+        groups = out_channels if self.depthwise else 1
+        return F.conv2d(x, weight, bias, self.stride, kernel_size // 2, 1, groups)
+
+    def export(self, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
+        """A static ``nn.Conv2d`` equal to the active choice."""
+        groups = out_channels if self.depthwise else 1
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, self.stride, kernel_size // 2, groups=groups, bias=self.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(self.active_weight(in_channels, out_channels, kernel_size))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias[:out_channels])
+        return conv
+
+
+class ElasticBatchNorm2d(nn.Module):
+    """Batch norm over the leading ``channels`` of its largest choice.
+
+    Set ``momentum = None`` (``reset_running_stats()`` does) to accumulate a cumulative average, which is how BN
+    recalibration of one subnet works.
+    """
+
+    def __init__(self, max_channels: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(max_channels))
+        self.bias = nn.Parameter(torch.zeros(max_channels))
+        self.register_buffer("running_mean", torch.zeros(max_channels))
+        self.register_buffer("running_var", torch.ones(max_channels))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def forward(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        """x: [B, channels, H, W] -> same shape."""
+        factor = 0.0
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return F.batch_norm(
+            x,
+            self.running_mean[:channels],
+            self.running_var[:channels],
+            self.weight[:channels],
+            self.bias[:channels],
+            self.training,
+            factor,
+            self.eps,
+        )
+
+    def export(self, channels: int) -> nn.BatchNorm2d:
+        norm = nn.BatchNorm2d(channels, eps=self.eps)
+        with torch.no_grad():
+            norm.weight.copy_(self.weight[:channels])
+            norm.bias.copy_(self.bias[:channels])
+            norm.running_mean.copy_(self.running_mean[:channels])
+            norm.running_var.copy_(self.running_var[:channels])
+            norm.num_batches_tracked.copy_(self.num_batches_tracked)
+        return norm
+
+
+class ElasticLinear(nn.Module):
+    """Linear layer with elastic input and output features.
+
+    ``out_features`` / ``in_features`` are either a count (leading slice) or a 1-D index tensor of rows / columns
+    (e.g. from ``head_rows``).
+    """
+
+    def __init__(self, max_in_features: int, max_out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        layer = nn.Linear(max_in_features, max_out_features, bias=bias)
+        self.weight = layer.weight
+        self.bias = layer.bias
+
+    @staticmethod
+    def _select(tensor: torch.Tensor, selection: int | torch.Tensor, dim: int) -> torch.Tensor:
+        if isinstance(selection, int):
+            return tensor.narrow(dim, 0, selection)
+        return tensor.index_select(dim, selection)
+
+    def active(self, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = self._select(self._select(self.weight, out_features, 0), in_features, 1)
+        bias = None if self.bias is None else self._select(self.bias, out_features, 0)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features]."""
+        weight, bias = self.active(in_features, out_features)
+        return F.linear(x, weight, bias)
+
+    def export(self, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> nn.Linear:
+        weight, bias = self.active(in_features, out_features)
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+
+class ElasticLayerNorm(nn.Module):
+    """Layer norm over the leading ``features`` of its largest choice."""
+
+    def __init__(self, max_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(max_features))
+        self.bias = nn.Parameter(torch.zeros(max_features))
+
+    def forward(self, x: torch.Tensor, features: int) -> torch.Tensor:
+        """x: [..., features] -> same shape."""
+        return F.layer_norm(x, (features,), self.weight[:features], self.bias[:features], self.eps)
+
+    def export(self, features: int) -> nn.LayerNorm:
+        norm = nn.LayerNorm(features, eps=self.eps)
+        with torch.no_grad():
+            norm.weight.copy_(self.weight[:features])
+            norm.bias.copy_(self.bias[:features])
+        return norm
+
+
+class ElasticEmbedding(nn.Module):
+    """Token embedding whose vectors are sliced to the leading ``features``."""
+
+    def __init__(self, num_embeddings: int, max_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_embeddings, max_features) * 0.02)
+
+    def forward(self, tokens: torch.Tensor, features: int) -> torch.Tensor:
+        """tokens: [B, L] int64 -> [B, L, features]."""
+        return F.embedding(tokens, self.weight[:, :features])
+
+    def export(self, features: int) -> nn.Embedding:
+        embedding = nn.Embedding(self.weight.shape[0], features)
+        with torch.no_grad():
+            embedding.weight.copy_(self.weight[:, :features])
+        return embedding
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of a static module."""
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+__all__ = [
+    "ElasticBatchNorm2d",
+    "ElasticConv2d",
+    "ElasticEmbedding",
+    "ElasticLayerNorm",
+    "ElasticLinear",
+    "centred_kernel",
+    "count_parameters",
+    "head_rows",
+]

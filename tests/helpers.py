@@ -1,0 +1,21 @@
+"""Helpers shared by tests (on sys.path through pytest's ``pythonpath``)."""
+
+from __future__ import annotations
+
+import torch
+
+from nas.supernets.elastic import ElasticBatchNorm2d
+
+
+def randomise_batch_norm(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every (elastic) batch norm random running statistics and affine parameters, so that parity checks
+    exercise them instead of the identity defaults."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, ElasticBatchNorm2d | torch.nn.BatchNorm2d):
+                size = norm.running_mean.shape[0]
+                norm.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+                norm.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+                norm.weight.copy_(torch.rand(size, generator=generator) + 0.5)
+                norm.bias.copy_(torch.randn(size, generator=generator) * 0.1)
