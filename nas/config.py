@@ -33,6 +33,7 @@ MAX_FILE_BYTES = 1_000_000
 MAX_VALUES = 100_000
 MAX_NESTING = 32
 MAX_COUNT_DIGITS = 1_000
+MAX_LISTED_PROBLEMS = 200
 
 PositiveInt = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 DepthInt = Annotated[StrictInt, Field(ge=1, le=64)]
@@ -55,7 +56,9 @@ class ConfigError(ValueError):
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  - {problem}" for problem in problems)
+        lines = "\n".join(f"  - {problem}" for problem in problems[:MAX_LISTED_PROBLEMS])
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            lines += f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"
         super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
@@ -67,7 +70,7 @@ class TaskModel(_Strict):
     """The task: which data, its input shape (C, H, W or L) and number of classes; dataset-specific options."""
 
     dataset: str
-    input_shape: list[PositiveInt]
+    input_shape: Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=8)]
     num_classes: Annotated[StrictInt, Field(ge=2, le=1_000_000)]
     path: str | None = None
     val_fraction: Annotated[Number, Field(gt=0, lt=1)] = 0.1
@@ -91,7 +94,7 @@ class StemModel(_Strict):
 
 
 class HeadModel(_Strict):
-    channels: list[Annotated[StrictInt, Field(ge=1, le=16384)]] = []
+    channels: tuple[Annotated[StrictInt, Field(ge=1, le=16384)], ...] = ()
     features: Annotated[StrictInt, Field(ge=1, le=16384)] | None = None
     dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
     activation: str = "relu"
@@ -163,9 +166,9 @@ def resolve_space(name_or_path: str | Path) -> Path:
             return path
         is_directory = path.is_dir()
     except (OSError, ValueError) as error:
-        raise ConfigError(str(name_or_path), [Problem("", f"not a usable file name: {error}")]) from None
+        raise ConfigError(str(name_or_path), [Problem("", f"not a usable file name: {getattr(error, 'strerror', None) or error}")]) from None
     if is_directory:
-        raise ConfigError(str(name_or_path), [Problem("", f"is a directory; give the path of a search-space YAML file or a built-in space name")])
+        raise ConfigError(str(name_or_path), [Problem("", "is a directory; give the path of a search-space YAML file or a built-in space name")])
     spaces = builtin_spaces()
     if str(name_or_path) in spaces:
         return spaces[str(name_or_path)]
@@ -181,8 +184,6 @@ def load_config(name_or_path: str | Path) -> RunConfig:
     path = resolve_space(name_or_path)
     source = str(name_or_path)
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ConfigError(source, [Problem("", f"file is larger than {MAX_FILE_BYTES:,} bytes; a search space is a short YAML file")])
         with path.open("rb") as file:
             data = file.read(MAX_FILE_BYTES + 1)
         if len(data) > MAX_FILE_BYTES:
@@ -201,6 +202,11 @@ def parse_config(text: str, source: str = "<string>") -> RunConfig:
         raise ConfigError(source, [Problem("", f"text is longer than {MAX_FILE_BYTES:,} characters; a search space is a short YAML file")])
     try:
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as error:
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        code = error.character if isinstance(error.character, int) else ord(str(error.character)[:1] or "\0")
+        raise ConfigError(source, [Problem("", f"invalid YAML: line {line}, column {column}: character U+{code:04X} is not allowed in YAML text (is it a binary file?)")]) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -211,12 +217,13 @@ def parse_config(text: str, source: str = "<string>") -> RunConfig:
     except (ValueError, OverflowError) as error:
         raise ConfigError(source, [Problem("", f"invalid YAML: {error}")]) from None
     if data is None:
-        raise ConfigError(source, [Problem("", "file is empty; a search space is a mapping with keys " f"{sorted(SpaceModel.model_fields)}")])
-    if not isinstance(data, dict):
-        raise ConfigError(source, [Problem("", f"top level must be a mapping with keys {sorted(SpaceModel.model_fields)}, got a {type(data).__name__}")])
+        raise ConfigError(source, [Problem("", f"file is empty (or only comments); a search space is a mapping with keys {sorted(SpaceModel.model_fields)}")])
     too_big = _size_problem(data)
     if too_big:
         raise ConfigError(source, [Problem("", too_big)])
+    if not isinstance(data, dict):
+        kind = {"list": "a list", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean"}.get(type(data).__name__, type(data).__name__)
+        raise ConfigError(source, [Problem("", f"top level must be a mapping with keys {sorted(SpaceModel.model_fields)}, got {kind}: {_short(data)}")])
     problems: list[Problem] = []
     try:
         model = SpaceModel.model_validate(data)
@@ -231,7 +238,7 @@ def parse_config(text: str, source: str = "<string>") -> RunConfig:
     config = _build(model, source, text)
     count = config.space.count()
     if count >= 10**MAX_COUNT_DIGITS:
-        raise ConfigError(source, [Problem("", f"the space has about 10^{len(str(count)) - 1} subnets, more than the limit of 10^{MAX_COUNT_DIGITS}; use fewer stages, depths or choices")])
+        raise ConfigError(source, [Problem("", f"the space has about 10^{int(count.bit_length() * math.log10(2))} subnets, more than the limit of 10^{MAX_COUNT_DIGITS}; use fewer stages, depths or choices")])
     return config
 
 
@@ -239,11 +246,13 @@ def _size_problem(data: Any) -> str | None:
     """Bound the parsed document: YAML aliases can expand a short file into an exponential (or cyclic) tree."""
     stack: list[tuple[Any, int]] = [(data, 0)]
     values = 0
+    characters = 0
     while stack:
         node, depth = stack.pop()
         values += 1
-        if values > MAX_VALUES:
-            return f"the document has more than {MAX_VALUES:,} values once YAML aliases are expanded; a search space is a short file"
+        characters += len(node) if isinstance(node, str | bytes) else 0
+        if values > MAX_VALUES or characters > 2 * MAX_FILE_BYTES:
+            return f"the document has more than {MAX_VALUES:,} values or {2 * MAX_FILE_BYTES:,} characters once YAML aliases are expanded; a search space is a short file"
         if depth > MAX_NESTING:
             return f"the document is nested more than {MAX_NESTING} levels deep (or an alias refers to itself)"
         if isinstance(node, dict):
@@ -301,7 +310,7 @@ def _locate(data: Any, item: dict[str, Any]) -> tuple[tuple[Any, ...], tuple[Any
     loc = item["loc"]
     for position, part in enumerate(loc):
         if isinstance(node, dict) and isinstance(part, Hashable) and part in node:
-            path.append(part)
+            path.append(part if isinstance(part, str) else repr(part))
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             path.append(part)
@@ -316,6 +325,7 @@ def _locate(data: Any, item: dict[str, Any]) -> tuple[tuple[Any, ...], tuple[Any
 def _message(item: dict[str, Any]) -> str:
     text = item["msg"]
     text = re.sub(r"^Input should be ", "must be ", text)
+    text = re.sub(r"a valid dictionary or instance of \w+", "a mapping of keys to values", text)
     return text[:1].lower() + text[1:]
 
 
@@ -510,7 +520,7 @@ def _check_sequence_task(data: dict[str, Any]) -> list[Problem]:
     if data.get("resolution") is not None:
         problems.append(Problem("resolution", "applies to image tasks; a sequence task uses sequence_length"))
     if input_shape is not _INVALID and len(input_shape) != 1:
-        problems.append(Problem("task.input_shape", f"must be [max_sequence_length] for a sequence task, got {input_shape}"))
+        problems.append(Problem("task.input_shape", f"must be [max_sequence_length] for a sequence task, got {list(input_shape)}"))
         input_shape = _INVALID
     lengths = _field(SpaceModel, data, "sequence_length")
     if data.get("sequence_length") is None:
@@ -538,7 +548,7 @@ def _check_image_task(data: dict[str, Any]) -> list[Problem]:
     dataset = _field(TaskModel, task, "dataset")
     input_shape = _field(TaskModel, task, "input_shape")
     if input_shape is not _INVALID and len(input_shape) != 3:
-        problems.append(Problem("task.input_shape", f"must be [channels, height, width] for an image task, got {input_shape}"))
+        problems.append(Problem("task.input_shape", f"must be [channels, height, width] for an image task, got {list(input_shape)}"))
         input_shape = _INVALID
     if isinstance(task, dict) and dataset in ("image_folder", "npz") and not _field(TaskModel, task, "path"):
         problems.append(Problem("task.path", f"is required for the {dataset} dataset"))
@@ -563,7 +573,7 @@ def _check_image_task(data: dict[str, Any]) -> list[Problem]:
     for index, resolution in enumerate(_as_list(resolutions)):
         where = f"resolution[{index}]" if isinstance(resolutions, list) else "resolution"
         if input_shape is not _INVALID and resolution > min(input_shape[1:]):
-            problems.append(Problem(where, f"must be at most the input size {min(input_shape[1:])} (task.input_shape = {input_shape}), got {resolution}"))
+            problems.append(Problem(where, f"must be at most the input size {min(input_shape[1:])} (task.input_shape = {list(input_shape)}), got {resolution}"))
         if stride is not None and resolution < stride:
             problems.append(Problem(where, f"must be at least the total stride {stride} (stem and stage strides), got {resolution}"))
     return problems

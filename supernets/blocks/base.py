@@ -292,3 +292,11 @@ class ElasticBlock(nn.Module, ABC):
     @abstractmethod
     def extract(self) -> nn.Module:
         """A static module equal to the active choice in eval mode, sharing no storage with this block."""
+
+    def build_static(self, layers: Mapping[str, nn.Module]) -> nn.Module:
+        """A fresh static twin of the active choice loaded (strictly) from exported ``layers``, keyed by the
+        static module's submodule names; helper for ``extract``."""
+        static = REGISTRY[self.block_type].static_class(self.config, self.static_context)
+        state = {f"{name}.{key}": value for name, layer in layers.items() for key, value in layer.state_dict().items()}
+        static.load_state_dict(state, strict=True)
+        return static.train(self.training)

@@ -186,7 +186,6 @@ class ElasticMBConv(ElasticBlock):
         """A static ``MBConv`` for the active choice with cloned weights."""
         config = self.config
         hidden = self.hidden
-        block = MBConv(config, self.static_context)
         parts: dict[str, nn.Module] = {}
         if config.expand_ratio != 1:
             parts["expand.0"] = self.expand_conv.export(self.in_channels, hidden, 1)
@@ -199,11 +198,7 @@ class ElasticMBConv(ElasticBlock):
             parts["squeeze_excite.expand"] = self.se_expand.export(squeezed, hidden, 1)
         parts["project.0"] = self.project_conv.export(hidden, self.out_channels, 1)
         parts["project.1"] = self.project_norm.export(self.out_channels)
-        state = {
-            f"{prefix}.{key}": value for prefix, module in parts.items() for key, value in module.state_dict().items()
-        }
-        block.load_state_dict(state, strict=True)
-        return block.train(self.training)
+        return self.build_static(parts)
 
 
 __all__ = ["ElasticMBConv", "MBConv", "MBConvConfig", "SqueezeExcitation", "squeeze_channels"]

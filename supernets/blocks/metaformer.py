@@ -29,7 +29,6 @@ from torch import nn
 from ..elastic import ElasticLayerNorm, ElasticLinear, head_rows
 from ..layers import hidden_channels, make_activation
 from .base import (
-    REGISTRY,
     BlockChoices,
     BlockContext,
     ElasticBlock,
@@ -241,14 +240,7 @@ class ElasticMetaFormerBlock(ElasticBlock):
 
     def extract(self) -> nn.Module:
         """A freshly built static block holding copies of the active weights (no shared storage)."""
-        static = REGISTRY[self.block_type].static_class(self.config, self.static_context)
-        state = {
-            f"{name}.{key}": value
-            for name, layer in self.export_layers().items()
-            for key, value in layer.state_dict().items()
-        }
-        static.load_state_dict(state, strict=True)
-        return static.train(self.training)
+        return self.build_static(self.export_layers())
 
 
 @dataclass(frozen=True, slots=True)

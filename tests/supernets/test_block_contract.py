@@ -13,7 +13,7 @@ import torch
 
 from nas.supernets.blocks import REGISTRY, BlockChoices, BlockContext, BoolRule, FloatRule, IntRule, OptionRule, ensure_registered
 from nas.supernets.elastic import count_parameters
-from helpers import randomise_batch_norm
+from tests.helpers import randomise_batch_norm
 
 ensure_registered()
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import randomise_batch_norm
+from tests.helpers import randomise_batch_norm
 from nas.config import builtin_spaces, load_config
 from nas.supernets.costs import arch_cost, example_input
 from nas.supernets.elastic import count_parameters
