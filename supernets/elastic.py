@@ -219,24 +219,6 @@ class ElasticLayerNorm(nn.Module):
         return norm
 
 
-class ElasticEmbedding(nn.Module):
-    """Token embedding whose vectors are sliced to the leading ``features``."""
-
-    def __init__(self, num_embeddings: int, max_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_embeddings, max_features) * 0.02)
-
-    def forward(self, tokens: torch.Tensor, features: int) -> torch.Tensor:
-        """tokens: [B, L] int64 -> [B, L, features]."""
-        return F.embedding(tokens, self.weight[:, :features])
-
-    def export(self, features: int) -> nn.Embedding:
-        embedding = nn.Embedding(self.weight.shape[0], features)
-        with torch.no_grad():
-            embedding.weight.copy_(self.weight[:, :features])
-        return embedding
-
-
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters of a static module."""
     return sum(parameter.numel() for parameter in module.parameters())
@@ -245,7 +227,6 @@ def count_parameters(module: nn.Module) -> int:
 __all__ = [
     "ElasticBatchNorm2d",
     "ElasticConv2d",
-    "ElasticEmbedding",
     "ElasticLayerNorm",
     "ElasticLinear",
     "centred_kernel",

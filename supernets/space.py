@@ -24,7 +24,8 @@ class ArchError(ValueError):
 @dataclass(frozen=True, slots=True)
 class StemSpec:
     """Image: ``kernel_size`` conv with ``stride`` to ``channels`` + BN + activation. Sequence: token embedding
-    of width ``channels`` plus a learned position embedding."""
+    of width ``channels`` plus a learned position embedding, then a residual causal depthwise convolution over
+    ``kernel_size`` tokens (none when 1); ``stride`` and ``activation`` apply to images only."""
 
     channels: int
     kernel_size: int = 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import BlockContext, ElasticBlock, type_of
-from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticEmbedding, ElasticLayerNorm, ElasticLinear
+from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLayerNorm, ElasticLinear
 from .layers import make_activation
 from .space import Arch, SearchSpace, StageSpace
 
@@ -29,15 +30,24 @@ class ImageStem(nn.Module):
 
 
 class SequenceStem(nn.Module):
-    """tokens: [B, L] int64 -> [B, L, channels]: token embedding + learned position embedding."""
+    """tokens: [B, L] int64 -> [B, L, channels]: token embedding + learned position embedding, then (for
+    ``kernel_size > 1``) a residual causal depthwise convolution over the last ``kernel_size`` tokens, the "short
+    convolution" of H3 / Based / Mamba that hands each token its predecessors (what associative recall needs)."""
 
-    def __init__(self, vocab_size: int, channels: int, max_length: int) -> None:
+    def __init__(self, vocab_size: int, channels: int, max_length: int, kernel_size: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, channels)
-        self.position = nn.Parameter(torch.zeros(max_length, channels))
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.position = nn.Parameter(torch.randn(max_length, channels) * 0.02)
+        self.kernel_size = kernel_size
+        self.short_conv = nn.Conv1d(channels, channels, kernel_size, groups=channels) if kernel_size > 1 else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens) + self.position[: tokens.shape[1]]
+        x = self.embedding(tokens) + self.position[: tokens.shape[1]]
+        if self.short_conv is None:
+            return x
+        shifted = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))
+        return x + self.short_conv(shifted).transpose(1, 2)
 
 
 class EntryProjection(nn.Module):
@@ -120,7 +130,7 @@ def build_stem(space: SearchSpace) -> nn.Module:
     if space.modality == "image":
         stem = space.stem
         return ImageStem(space.in_channels, stem.channels, stem.kernel_size, stem.stride, stem.activation)
-    return SequenceStem(space.in_channels, space.stem.channels, max(space.sequence_lengths))
+    return SequenceStem(space.in_channels, space.stem.channels, max(space.sequence_lengths), space.stem.kernel_size)
 
 
 def build_head(space: SearchSpace, in_channels: int) -> nn.Module:
@@ -222,8 +232,7 @@ class Supernet(nn.Module):
             self.stem_norm = ElasticBatchNorm2d(stem.channels)
             self.stem_activation = make_activation(stem.activation)
         else:
-            self.embedding = ElasticEmbedding(space.in_channels, stem.channels)
-            self.position = nn.Parameter(torch.randn(max(space.sequence_lengths), stem.channels) * 0.02)
+            self.sequence_stem = build_stem(space)
         stages = []
         width = stem.channels
         for stage in space.stages:
@@ -263,7 +272,7 @@ class Supernet(nn.Module):
         if self.space.modality == "image":
             x = self.stem_activation(self.stem_norm(self.stem_conv(x, self.space.in_channels, channels, self.space.stem.kernel_size), channels))
         else:
-            x = self.embedding(x, channels) + self.position[: x.shape[1]]
+            x = self.sequence_stem(x)
         for stage in self.stages:
             x = stage(x)
         width = self.last_width
@@ -284,13 +293,12 @@ class Supernet(nn.Module):
         if arch is not None:
             self.set_active(arch)
         space = self.space
-        stem = build_stem(space)
         if space.modality == "image":
+            stem = build_stem(space)
             stem.conv = self.stem_conv.export(space.in_channels, space.stem.channels, space.stem.kernel_size)
             stem.norm = self.stem_norm.export(space.stem.channels)
         else:
-            stem.embedding = self.embedding.export(space.stem.channels)
-            stem.position = nn.Parameter(self.position.detach().clone())
+            stem = copy.deepcopy(self.sequence_stem)
         head = build_head(space, self.last_width)
         if space.modality == "image":
             width = self.last_width

@@ -63,7 +63,7 @@ def test_sigkill_mid_training_then_resume_gives_the_same_metrics(tmp_path: Path)
     actual.pop("train_seconds")
     assert actual == expected
     history = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
-    assert [record["epoch"] for record in history] == [1, 2, 3, 4, 5, 6][: len(history)] or len(history) >= 6
+    assert history[-1]["epoch"] == 6
 
 
 def test_existing_run_is_never_overwritten_without_resume(tmp_path: Path) -> None:
