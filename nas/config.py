@@ -116,6 +116,7 @@ class TrainingModel(_Strict):
     weight_decay: Annotated[Number, Field(ge=0, le=1)] = 0.01
     warmup_epochs: Annotated[StrictInt, Field(ge=0, le=1000)] = 1
     random_subnets: Annotated[StrictInt, Field(ge=0, le=64)] = 2
+    largest_only_epochs: Annotated[StrictInt, Field(ge=0, le=100_000)] = 0
     distill: StrictBool = True
     label_smoothing: Annotated[Number, Field(ge=0, lt=1)] = 0.0
     calibration_batches: Annotated[StrictInt, Field(ge=1, le=10_000)] = 8

@@ -275,7 +275,9 @@ def train(
     if completed:
         state = load_checkpoint(checkpoint_dir(run_dir), supernet, optimizer)
         logger.info("resuming %s after epoch %d", run_dir, completed)
-    strategy = STRATEGIES[training.strategy](config.space, random_subnets=training.random_subnets, distill=training.distill)
+    strategy = STRATEGIES[training.strategy](
+        config.space, random_subnets=training.random_subnets, distill=training.distill, largest_only_epochs=training.largest_only_epochs
+    )
     steps_per_epoch = max(1, len(task_data.train.targets) // training.batch_size)
     bar = progress(training.epochs * steps_per_epoch, "train", completed * steps_per_epoch) if progress else None
     epochs_run = 0
