@@ -13,6 +13,8 @@ receives from the supernet (never read from ``x.shape``). Slicing rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,29 @@ def head_rows(num_heads: int, active_dim: int, max_dim: int, device: torch.devic
     """
     heads = torch.arange(num_heads, device=device).unsqueeze(1) * max_dim
     return (heads + torch.arange(active_dim, device=device).unsqueeze(0)).reshape(-1)
+
+
+class _ActiveWeightCache:
+    """Keeps the contiguous active weights of the last choice while gradients are off (evaluation, latency
+    measurement), so inference on a supernet does not re-slice and re-transform weights on every call. The
+    cache is keyed on the choice and on the parameters' version counters, so any update invalidates it."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: tuple | None = None
+
+    def get(self, module: nn.Module, choice: tuple, compute: Callable[[], tuple]) -> tuple:
+        if torch.is_grad_enabled():
+            return compute()
+        key = (choice, tuple(parameter._version for parameter in module.parameters()))
+        if key != self.key:
+            self.value = tuple(None if tensor is None else tensor.contiguous() for tensor in compute())
+            self.key = key
+        return self.value
+
+
+def _selection_key(selection: int | torch.Tensor) -> int | tuple[int, ...]:
+    return selection if isinstance(selection, int) else tuple(selection.tolist())
 
 
 class ElasticConv2d(nn.Module):
@@ -72,6 +97,7 @@ class ElasticConv2d(nn.Module):
         if kernel_transform:
             for larger, smaller in zip(self.kernel_sizes, self.kernel_sizes[1:]):
                 self.transforms[f"{larger}to{smaller}"] = nn.Parameter(torch.eye(smaller * smaller))
+        self._cache = _ActiveWeightCache()
 
     def active_weight(self, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
         """Weight of the active choice: ``[out, in or 1, k, k]``."""
@@ -93,8 +119,11 @@ class ElasticConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
         """x: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride]."""
-        weight = self.active_weight(in_channels, out_channels, kernel_size)
-        bias = None if self.bias is None else self.bias[:out_channels]
+        weight, bias = self._cache.get(
+            self,
+            (in_channels, out_channels, kernel_size),
+            lambda: (self.active_weight(in_channels, out_channels, kernel_size), None if self.bias is None else self.bias[:out_channels]),
+        )
         groups = out_channels if self.depthwise else 1
         return F.conv2d(x, weight, bias, self.stride, kernel_size // 2, 1, groups)
 
@@ -171,6 +200,7 @@ class ElasticLinear(nn.Module):
         layer = nn.Linear(max_in_features, max_out_features, bias=bias)
         self.weight = layer.weight
         self.bias = layer.bias
+        self._cache = _ActiveWeightCache()
 
     @staticmethod
     def _select(tensor: torch.Tensor, selection: int | torch.Tensor, dim: int) -> torch.Tensor:
@@ -185,7 +215,8 @@ class ElasticLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features]."""
-        weight, bias = self.active(in_features, out_features)
+        choice = (_selection_key(in_features), _selection_key(out_features))
+        weight, bias = self._cache.get(self, choice, lambda: self.active(in_features, out_features))
         return F.linear(x, weight, bias)
 
     def export(self, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> nn.Linear:
