@@ -163,6 +163,16 @@ def _check_model(path: Path, what: str) -> None:
         raise ExportError(f"{what} failed onnx.checker: {error}") from error
 
 
+def float32_rounding_error(model: nn.Module, inputs: torch.Tensor) -> float:
+    """Max ``|model(inputs) - model.double()(inputs)|``: how far float32 PyTorch itself is from float64."""
+    import copy
+
+    reference = copy.deepcopy(model).double().eval()
+    floating = inputs.double() if inputs.is_floating_point() else inputs
+    with torch.no_grad():
+        return float((model(inputs).double() - reference(floating)).abs().max())
+
+
 def export_onnx(
     model: nn.Module,
     example: torch.Tensor,
@@ -186,7 +196,10 @@ def export_onnx(
         check_inputs: inputs (shaped like ``example``) compared between ONNX Runtime and PyTorch; default
             ``example``. Run with a batch size different from ``example``'s (the first row is appended when the
             sizes agree) so that a batch size baked into the graph is caught.
-        tolerance: largest allowed max ``|ORT - PyTorch|`` over the logits.
+        tolerance: largest allowed max ``|ORT - PyTorch|`` over the logits. When the model's own float32 rounding
+            is larger (``float32_rounding_error``: PyTorch float32 vs float64 on the same inputs; gated linear
+            attention's recurrences at initialisation can reach 2e-4), twice that is allowed instead and the
+            log says so. A tolerance <= 0 disables this allowance.
         opset: ONNX opset. The TorchScript exporter (``dynamo=False``) is deliberate: static subnets run the
             plain-PyTorch reference kernels, trace to small standard-op graphs, and get a dynamic batch axis from
             ``dynamic_axes``; its deprecation warning is silenced here.
@@ -248,6 +261,10 @@ def export_onnx(
             actual = _run(session, check_inputs.numpy(), len(check_inputs))
             del session
             error = _max_abs_error(actual, expected)
+            if 0 < tolerance < error:
+                noise = float32_rounding_error(model, check_inputs)
+                logger.info("max |ORT - PyTorch| %.3g exceeds %.3g; the model's own float32 rounding is %.3g", error, tolerance, noise)
+                tolerance = max(tolerance, 2 * noise)
             logger.info(
                 "exported %s to %s: max |ORT - PyTorch| = %.3g on a batch of %d (tolerance %.3g)",
                 arch.short_name(), path, error, len(check_inputs), tolerance,
@@ -541,6 +558,7 @@ __all__ = [
     "cpu_has_vnni",
     "export_onnx",
     "export_subnet",
+    "float32_rounding_error",
     "quantizable_nodes",
     "quantize_int8",
     "read_metadata",

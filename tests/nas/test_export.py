@@ -292,7 +292,11 @@ def test_int8_leaves_attention_matmuls_in_float(tmp_path: Path) -> None:
     fp32_model = onnx.load(str(fp32))
     to_quantize, to_exclude = quantizable_nodes(fp32_model)
     by_name = {node.name: node for node in fp32_model.graph.node}
-    assert {by_name[name].op_type for name in to_quantize} == {"MatMul"}
+    # Weight ops only: the projections (MatMul) and the sequence stem's causal short convolution (Conv).
+    assert {by_name[name].op_type for name in to_quantize} == {"MatMul", "Conv"}
+    assert [by_name[name] for name in to_quantize if by_name[name].op_type == "Conv"][0].input[1] in {
+        tensor.name for tensor in fp32_model.graph.initializer
+    }
     assert {"MatMul", "Softmax", "LayerNormalization", "Sigmoid"} <= {by_name[name].op_type for name in to_exclude}
 
     result = quantize_int8(

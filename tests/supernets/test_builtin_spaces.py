@@ -12,6 +12,7 @@ import torch
 
 from tests.helpers import randomise_batch_norm
 from nas.config import builtin_spaces, load_config
+from nas.export import float32_rounding_error
 from nas.supernets.costs import arch_cost, example_input
 from nas.supernets.elastic import count_parameters
 from nas.supernets.space import ArchError
@@ -64,7 +65,8 @@ def test_random_subnets_of_builtin_space_agree_everywhere(name: str) -> None:
         batch = random_input(space, size, 3, generator)
         with torch.no_grad():
             expected = static(batch).numpy()
-        assert np.abs(onnx_logits(static, x, batch) - expected).max() <= 1e-4, arch.short_name()
+        error = np.abs(onnx_logits(static, x, batch) - expected).max()
+        assert error <= max(1e-4, 2 * float32_rounding_error(static, batch)), arch.short_name()
         params, _ = arch_cost(space, arch)
         assert count_parameters(static) == params
         assert static_logits.shape[0] == 2
