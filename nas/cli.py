@@ -96,6 +96,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def command_export(args: argparse.Namespace) -> int:
+    if args.pareto or args.trial is not None:
+        return _export_from_study(args)
+    if not args.arch:
+        raise UsageError("nas export needs --arch, --pareto or --trial N")
     from nas.workflow import export_arch
 
     report = export_arch(Path(args.run_dir), args.arch, int8=args.int8, out=Path(args.out) if args.out else None)
@@ -103,25 +107,80 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_from_study(args: argparse.Namespace) -> int:
+    from nas.report import export_trials, front_trials
+    from nas.search import load_study
+
+    run_dir = Path(args.run_dir)
+    study = load_study(run_dir)
+    if args.trial is not None:
+        matching = [trial for trial in study.get_trials(deepcopy=False) if trial.number == args.trial and "arch" in trial.user_attrs]
+        if not matching:
+            raise UsageError(f"{run_dir} has no trial {args.trial} with an arch (trials: 0..{len(study.trials) - 1})")
+        trials = matching
+    else:
+        trials = list(front_trials(study).values())
+        if not trials:
+            raise UsageError(f"{run_dir}: the search has no feasible completed trial yet")
+    exports = export_trials(run_dir, trials, int8=args.int8, out_root=Path(args.out) if args.out else None, progress=_progress_factory())
+    failures = 0
+    for export in exports.values():
+        if export.report is None:
+            failures += 1
+            print(f"trial {export.trial}: export failed: {export.error}", file=sys.stderr)
+        else:
+            _print_export(export.report)
+    return 1 if failures else 0
+
+
 def _print_export(report: Any) -> None:
     result = report.export
     print(f"wrote {result.path}  (test accuracy {report.test_accuracy:.4f}; ONNX Runtime vs PyTorch max abs error {result.max_abs_error:.2e})")
     if result.int8_path is not None:
         print(f"wrote {result.int8_path}  (INT8 top-1 agreement with fp32 on the validation split {result.int8_top1_agreement:.2%})")
+    if getattr(report, "int8_error", None):
+        print(f"  INT8 left out: {report.int8_error}")
 
 
 def command_run(args: argparse.Namespace) -> int:
+    import time
+
+    from nas.report import export_trials, front_trials, op_type_comparison, write_outputs
+    from nas.search import SearchSettings, run_search
     from nas.train import train
-    from nas.workflow import export_arch
 
     config = _load_config(args.space)
     out = Path(args.out) if args.out else Path("runs") / config.space.name
+    targets = tuple(name.strip() for name in args.targets.split(",")) if args.targets else None
+    settings = SearchSettings.from_config(
+        config.search, trials=args.trials, sampler=args.sampler, targets=targets, workers=args.workers, address=args.address, seed=args.seed
+    )
+    elapsed: dict[str, float] = {}
+    started = time.perf_counter()
     resume = args.resume or (out / "checkpoint").exists()
+    print(f"[1/3] supernet: {config.space.name} ({config.space.count():,} subnets) in {out}", file=sys.stderr)
     result = train(config, out, resume=resume, progress=_progress_factory())
     _print_metrics(result.metrics)
-    for name in ("largest", "smallest"):
-        _print_export(export_arch(out, name, int8=not args.no_int8, out=out / "exports" / name))
-    print(f"run directory: {out}")
+    elapsed["training"] = time.perf_counter() - started
+    where = f"Ray cluster {args.address}" if args.address else (f"{settings.workers} local Ray workers" if settings.workers > 1 else "in process")
+    print(f"[2/3] search: {settings.trials} archs, {settings.sampler}, targets {', '.join(settings.targets)}, {where}", file=sys.stderr)
+    started = time.perf_counter()
+    search = run_search(out, settings, resume=args.resume or (out / "search").exists(), progress=_progress_factory())
+    elapsed["search"] = time.perf_counter() - started
+    front = list(front_trials(search.study).values())
+    print(f"[3/3] export: {len(front)} front member(s) to {out / 'pareto'}", file=sys.stderr)
+    started = time.perf_counter()
+    exports = export_trials(out, front, int8=not args.no_int8, progress=_progress_factory()) if not args.no_export else {}
+    cpu_targets = {"cpu_fp32", "cpu_int8"} <= set(settings.targets)
+    op_types = op_type_comparison(list(exports.values())) if exports and cpu_targets and not args.no_int8 else []
+    elapsed["export"] = time.perf_counter() - started
+    summary = write_outputs(out, search.study, exports, space_name=config.space.name, op_types=op_types, elapsed=elapsed)
+    for name, front_summary in summary["fronts"].items():
+        print(f"front on {name}: {len(front_summary['members'])} archs")
+        for member in front_summary["members"]:
+            latency = member["latency_ms"][name]
+            print(f"  trial {member['trial']:4d}  {member['arch_name']:28s} val acc {member['val_accuracy']:.4f}  {latency['median_ms']:.4g} ms (p10 {latency['p10_ms']:.4g}, cv {latency['cv']:.1%})")
+    print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}  trials: {out / 'trials.csv'}")
     return 0
 
 
@@ -149,18 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.set_defaults(handler=command_train)
 
-    export = commands.add_parser("export", help="export a subnet of a trained run to ONNX")
+    export = commands.add_parser("export", help="export subnets of a trained (and searched) run to ONNX")
     export.add_argument("run_dir")
-    export.add_argument("--arch", required=True, help="'largest', 'smallest', arch JSON, or a .json/.yaml file")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--arch", help="'largest', 'smallest', arch JSON, or a .json/.yaml file")
+    which.add_argument("--pareto", action="store_true", help="every member of the search's fronts (to RUN_DIR/pareto)")
+    which.add_argument("--trial", type=int, help="the arch of one search trial")
     export.add_argument("--int8", action="store_true", help="also write a static-QDQ INT8 model")
-    export.add_argument("--out", help="output folder (default RUN_DIR/exports/<arch>)")
+    export.add_argument("--out", help="output folder (default RUN_DIR/exports/<arch>, or RUN_DIR/pareto)")
     export.set_defaults(handler=command_export)
 
-    run = commands.add_parser("run", help="train (or resume) and export the largest and smallest subnets")
+    run = commands.add_parser("run", help="train (or reuse) the supernet, search the accuracy-latency front, export it")
     run.add_argument("space", nargs="?", default=DEFAULT_SPACE, help=f"default: the embedded {DEFAULT_SPACE}")
     run.add_argument("--out", help="run directory (default runs/<space name>)")
-    run.add_argument("--resume", action="store_true")
-    run.add_argument("--no-int8", action="store_true", help="skip the INT8 export")
+    run.add_argument("--resume", action="store_true", help="continue a killed or interrupted run")
+    run.add_argument("--workers", type=int, help="evaluators (default 1: in process, no Ray; N > 1: N local Ray actors)")
+    run.add_argument("--address", help="join an existing Ray cluster ('auto' or HOST:PORT)")
+    run.add_argument("--trials", type=int, help="distinct archs to evaluate (default: the space file's search.trials)")
+    run.add_argument("--sampler", choices=("nsga2", "tpe", "random", "evolution"), help="default: search.sampler")
+    run.add_argument("--targets", help="comma-separated latency targets, e.g. cpu_fp32,cpu_int8 (default: search.targets)")
+    run.add_argument("--seed", type=int, help="sampler seed (default: search.seed)")
+    run.add_argument("--no-int8", action="store_true", help="skip the INT8 export of the front")
+    run.add_argument("--no-export", action="store_true", help="search only; export later with `nas export RUN --pareto`")
     run.set_defaults(handler=command_run)
     return parser
 
@@ -172,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nas.config import ConfigError
     from nas.data import DataError
     from nas.export import ExportError
+    from nas.evaluator import EvaluatorStartError
+    from nas.latency import LatencyError
     from nas.supernets.space import ArchError
     from nas.train import RunError
 
@@ -180,14 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, ArchError, RunError, UsageError) as error:
+    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExportError as error:
         print(f"export check failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; the last completed epoch is checkpointed: rerun with --resume to continue", file=sys.stderr)
+        print("\ninterrupted; completed epochs and trials are saved: rerun with --resume to continue", file=sys.stderr)
         return 130
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter, ValidationError
@@ -29,6 +29,8 @@ from nas.supernets.strategies import STRATEGIES
 IMAGE_DATASETS = ("digits", "image_folder", "npz", "mnist", "fashion_mnist", "cifar10", "cifar100")
 SEQUENCE_DATASETS = ("mqar",)
 OPTIMIZERS = ("adamw", "sgd")
+SAMPLER_NAMES = ("nsga2", "tpe", "random", "evolution")
+TARGET_NAMES = ("cpu_fp32", "cpu_int8", "cuda_fp32", "tensorrt_fp16")
 MAX_FILE_BYTES = 1_000_000
 MAX_VALUES = 100_000
 MAX_NESTING = 32
@@ -124,6 +126,28 @@ class TrainingModel(_Strict):
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
 
 
+class ConstraintsModel(_Strict):
+    """Hard limits a front member must meet; they reach the sampler through Optuna's constraints function."""
+
+    latency_ms: dict[Literal[TARGET_NAMES], Annotated[Number, Field(gt=0, le=1e7)]] = Field(default_factory=dict)  # type: ignore[valid-type]
+    params: Annotated[StrictInt, Field(ge=1, le=10**13)] | None = None
+    macs: Annotated[StrictInt, Field(ge=1, le=10**16)] | None = None
+
+
+class SearchModel(_Strict):
+    """The accuracy-latency search (``nas run``): budget, sampler, latency targets, measurement, constraints."""
+
+    trials: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 40
+    sampler: Literal[SAMPLER_NAMES] = "nsga2"  # type: ignore[valid-type]
+    population_size: Annotated[StrictInt, Field(ge=2, le=10_000)] = 16
+    targets: Annotated[list[Literal[TARGET_NAMES]], Field(min_length=1, max_length=4)] = ["cpu_fp32", "cpu_int8"]  # type: ignore[valid-type]
+    threads: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
+    batch_size: Annotated[StrictInt, Field(ge=1, le=65_536)] = 1
+    measure_seconds: Annotated[Number, Field(gt=0, le=3600)] = 2.0
+    constraints: ConstraintsModel = ConstraintsModel()
+    seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
+
+
 class SpaceModel(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")]
     task: TaskModel
@@ -133,6 +157,7 @@ class SpaceModel(_Strict):
     resolution: PositiveInt | Annotated[list[PositiveInt], Field(min_length=1)] | None = None
     sequence_length: PositiveInt | Annotated[list[PositiveInt], Field(min_length=1)] | None = None
     training: TrainingModel = TrainingModel()
+    search: SearchModel = SearchModel()
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -141,6 +166,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "head": HeadModel,
     "stages": StageModel,
     "training": TrainingModel,
+    "search": SearchModel,
 }
 
 
@@ -149,6 +175,7 @@ class RunConfig:
     space: SearchSpace
     task: TaskModel
     training: TrainingModel
+    search: SearchModel
     source: str
     text: str
 
@@ -602,8 +629,8 @@ def _build(model: SpaceModel, source: str, text: str) -> RunConfig:
         sequence_lengths=tuple(_as_list(model.sequence_length)) if sequence else (),
         causal=sequence,
     )
-    return RunConfig(space, task, model.training, source, text)
+    return RunConfig(space, task, model.training, model.search, source, text)
 
 
-__all__ = ["ConfigError", "Problem", "RunConfig", "TaskModel", "TrainingModel", "builtin_spaces", "load_config", "parse_config", "resolve_space"]
+__all__ = ["ConfigError", "Problem", "RunConfig", "SearchModel", "TaskModel", "TrainingModel", "builtin_spaces", "load_config", "parse_config", "resolve_space"]
 

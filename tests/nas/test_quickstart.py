@@ -1,4 +1,4 @@
-"""The README's main job: `nas run` on the embedded digits quickstart trains, evaluates and exports."""
+"""The README's main job: `nas run` on the embedded digits quickstart trains, searches, reports and exports."""
 
 from __future__ import annotations
 
@@ -17,22 +17,37 @@ from nas.supernets.space import Arch
 
 
 @pytest.mark.slow
-def test_nas_run_quickstart_reaches_the_accuracy_targets_and_exports_checked_onnx(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "nas.cli", "run", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+def test_nas_run_quickstart_reaches_the_accuracy_targets_and_exports_checked_fronts(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "nas.cli", "run", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["largest"]["test"] >= 0.97
     assert metrics["smallest"]["test"] >= 0.93
-    for name in ("largest", "smallest"):
-        folder = tmp_path / "run" / "exports" / name
-        summary = json.loads((folder / "export.json").read_text())
-        assert summary["onnx_max_abs_error"] <= 1e-4
-        assert summary["int8_top1_agreement"] >= 0.9
-        for file in ("model.onnx", "model.int8.onnx"):
-            onnx.checker.check_model(str(folder / file), full_check=True)
-        arch = Arch.from_json(read_metadata(folder / "model.onnx")["nasforge_arch"])
-        assert arch.to_dict() == summary["arch"]
-        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        logits = session.run(None, {"input": np.zeros((4, 1, arch.resolution, arch.resolution), np.float32)})[0]
-        assert logits.shape == (4, 10)
-    assert "largest" in result.stdout and "INT8" in result.stdout
+
+    summary = json.loads((run_dir / "pareto.json").read_text())
+    assert summary["distinct_trials"] == 40
+    assert set(summary["fronts"]) == {"cpu_fp32", "cpu_int8"}
+    for target, front in summary["fronts"].items():
+        members = front["members"]
+        assert len(members) >= 2, f"a front on {target} should trade accuracy for latency"
+        latencies = [member["latency_ms"][target]["median_ms"] for member in members]
+        accuracies = [member["val_accuracy"] for member in members]
+        assert latencies == sorted(latencies) and accuracies == sorted(accuracies), "a front rises with latency"
+        assert accuracies[-1] >= 0.95
+        for member in members:
+            export = member["export"]
+            folder = run_dir / export["folder"]
+            assert export["onnx_max_abs_error"] <= 1e-4
+            files = ["model.onnx"] + (["model.int8.onnx"] if export["int8_top1_agreement"] is not None else [])
+            for file in files:
+                onnx.checker.check_model(str(folder / file), full_check=True)
+            arch = Arch.from_json(read_metadata(folder / "model.onnx")["nasforge_arch"])
+            assert arch.to_dict() == member["arch"]
+            session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+            logits = session.run(None, {"input": np.zeros((4, 1, arch.resolution, arch.resolution), np.float32)})[0]
+            assert logits.shape == (4, 10)
+    report = (run_dir / "report.md").read_text()
+    assert "## INT8 vs fp32 by op type (this CPU)" in report and "Conv" in report
+    assert (run_dir / "pareto.png").exists() and (run_dir / "trials.csv").exists()
+    assert "front on cpu_fp32" in result.stdout and "front on cpu_int8" in result.stdout

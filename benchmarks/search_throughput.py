@@ -1,0 +1,100 @@
+"""Search-phase throughput with N workers vs one, side by side, and the per-trial scheduling overhead.
+
+    python benchmarks/search_throughput.py [--run runs/digits_quick] [--trials 24] [--rounds 2] [--workers 2]
+
+Throughput: the trained run's study is searched from scratch ``--rounds`` times with ``--workers 1`` (in process)
+and ``--workers N`` (local Ray actors), alternating which goes first; each search evaluates ``--trials`` distinct
+archs of the real space with real latency measurement. Distinct archs per second are counted from the moment the
+evaluators are ready (pool start-up, Ray's included, is reported separately). The ratio is taken per round.
+
+Scheduling overhead: the same loop with an evaluator that returns a prepared result at once and a measurement
+that returns a fixed figure, so what remains per trial is ask, dispatch, result, tell and the journal write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from nas.config import load_config
+from nas.evaluator import Evaluation, EvaluatorPayload
+from nas.search import SearchSettings, run_search
+from nas.train import train
+
+
+class InstantEvaluator:
+    """Returns a prepared evaluation immediately (no model work): isolates the scheduling cost."""
+
+    def __init__(self, payload: EvaluatorPayload) -> None:
+        self.worker = "instant"
+
+    def evaluate(self, arch_json: str) -> Evaluation:
+        return Evaluation(arch_json, 0.5, 1000, 1000, {"fp32": b"", "int8": b""}, None, 0.0, self.worker)
+
+
+def instant_measure(models: dict[str, bytes], target: str) -> dict[str, dict]:
+    return {key: {"median_ms": 1.0 + len(key) * 1e-6, "p10_ms": 1.0, "p90_ms": 1.0, "cv": 0.0, "samples": 1, "stable": True, "seconds": 0.0, "fingerprint": {}} for key in models}
+
+
+def search_once(trained: Path, workers: int, trials: int, **kwargs) -> tuple[float, float]:
+    """(distinct archs per second after start-up, start-up seconds) of one fresh search of ``trained``."""
+    with tempfile.TemporaryDirectory(prefix="nasforge-bench-") as folder:
+        run_dir = Path(folder) / "run"
+        shutil.copytree(trained, run_dir, ignore=shutil.ignore_patterns("search", "pareto", "exports"))
+        config = load_config(run_dir / "config.yaml")
+        settings = SearchSettings.from_config(config.search, trials=trials, workers=workers)
+        result = run_search(run_dir, settings, **kwargs)
+        loop = result.seconds - result.startup_seconds
+        return result.evaluated / loop, result.startup_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="benchmarks/runs/digits_quick", help="trained run directory (trained here if missing)")
+    parser.add_argument("--space", default="digits_quick")
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--overhead-trials", type=int, default=200)
+    args = parser.parse_args()
+    trained = Path(args.run)
+    if not (trained / "metrics.json").exists():
+        print(f"training {args.space} into {trained} ...")
+        train(load_config(args.space), trained, resume=(trained / "checkpoint").exists())
+
+    ratios, single, multi, startups = [], [], [], {1: [], args.workers: []}
+    for round_index in range(args.rounds):
+        order = (1, args.workers) if round_index % 2 == 0 else (args.workers, 1)
+        rates = {}
+        for workers in order:
+            rate, startup = search_once(trained, workers, args.trials)
+            rates[workers] = rate
+            startups[workers].append(startup)
+            print(f"round {round_index + 1}: workers {workers}: {rate:.3f} archs/s (start-up {startup:.1f} s)")
+        single.append(rates[1])
+        multi.append(rates[args.workers])
+        ratios.append(rates[args.workers] / rates[1])
+
+    overhead = {}
+    for workers in (1, args.workers):
+        rate, _ = search_once(trained, workers, args.overhead_trials, factory=InstantEvaluator, measure=instant_measure)
+        overhead[workers] = 1.0 / rate
+
+    print()
+    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}; space {args.space}; {args.trials} archs per search; {time.strftime('%Y-%m-%d')}")
+    print()
+    print(f"| measure | workers 1 | workers {args.workers} | ratio |")
+    print("|---|---|---|---|")
+    print(f"| distinct archs / s (median of {args.rounds} rounds) | {statistics.median(single):.3f} | {statistics.median(multi):.3f} | "
+          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |")
+    print(f"| start-up (load data, build evaluators), s | {statistics.median(startups[1]):.1f} | {statistics.median(startups[args.workers]):.1f} | |")
+    print(f"| scheduling overhead per trial, s ({args.overhead_trials} instant trials) | {overhead[1]:.4f} | {overhead[args.workers]:.4f} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Candidate evaluation for the search: accuracy with inherited weights and the ONNX files latency is measured on.
+
+An ``Evaluator`` holds one copy of the trained supernet and the few batches it needs (BN calibration, the
+validation split, INT8 calibration). It is built once per process, never per trial, from an ``EvaluatorPayload``
+that travels by value (through Ray's object store on a cluster), so workers need no shared file system.
+
+Pools run evaluators: ``InProcessPool`` (``--workers 1``, no Ray) and ``RayPool`` (N actors with one thread each on
+a local Ray or an existing cluster). A pool's ``map`` yields one ``Outcome`` per arch; an actor that dies has its arch
+retried on a fresh actor, up to ``max_retries`` times, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from nas.data import Split
+from nas.evaluate import accuracy, prepare_batch, recalibrate_batch_norm
+from nas.supernets.costs import arch_cost
+from nas.supernets.space import Arch
+
+logger = logging.getLogger(__name__)
+
+INT8_CALIBRATION_SAMPLES = 128
+RAY_INSTALL_HINT = 'pip install -c constraints.txt "ray>=2.10"'
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluatorPayload:
+    """Everything an evaluator needs, by value.
+
+    Attributes:
+        config_text: the run's YAML (the space is rebuilt from it).
+        state: the supernet's ``state_dict``.
+        calibration: training samples for BN recalibration (``calibration_batches * batch_size`` of them, in the
+            order the calibration batches take them).
+        validation: the split accuracy is measured on.
+        int8_calibration: training inputs ``[N, ...]`` that calibrate INT8 activation ranges.
+        batch_size: BN calibration batch size.
+        calibration_batches: number of BN calibration batches.
+        int8: whether INT8 models are needed (an INT8 latency target is searched).
+        seed: BN calibration order.
+    """
+
+    config_text: str
+    state: dict[str, torch.Tensor]
+    calibration: Split
+    validation: Split
+    int8_calibration: torch.Tensor
+    batch_size: int
+    calibration_batches: int
+    int8: bool
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """One arch's evaluation: validation accuracy, costs, and its ONNX files as bytes (``"fp32"``, ``"int8"``)."""
+
+    arch_json: str
+    accuracy: float
+    params: int
+    macs: int
+    models: dict[str, bytes]
+    int8_top1_agreement: float | None
+    seconds: float
+    worker: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a pool returns for one arch: an ``Evaluation`` or the error that stopped it (after retries)."""
+
+    arch_json: str
+    evaluation: Evaluation | None = None
+    error: str | None = None
+    attempts: int = 1
+
+
+class EvaluatorStartError(RuntimeError):
+    """The evaluators could not be built (on a cluster: a node without nasforge installed, say)."""
+
+
+class Evaluator:
+    """Evaluates archs of one trained supernet (built once; one thread)."""
+
+    def __init__(self, payload: EvaluatorPayload, threads: int = 1) -> None:
+        from nas.config import parse_config
+        from nas.supernets.supernet import Supernet
+
+        torch.set_num_threads(threads)
+        config = parse_config(payload.config_text, "<run config>")
+        self.space = config.space
+        self.payload = payload
+        self.supernet = Supernet(self.space)
+        self.supernet.load_state_dict(payload.state)
+        self.supernet.eval()
+        self.worker = f"{os.uname().nodename}:{os.getpid()}"
+
+    def evaluate(self, arch_json: str) -> Evaluation:
+        """Recalibrate BN for the arch, measure validation accuracy, extract it and write its ONNX files (fp32
+        checked against PyTorch; INT8 static QDQ when needed)."""
+        from nas.export import export_onnx, quantize_int8
+
+        started = time.perf_counter()
+        arch = Arch.from_json(arch_json)
+        self.space.check(arch)
+        payload = self.payload
+        recalibrate_batch_norm(
+            self.supernet, arch, payload.calibration, batch_size=payload.batch_size,
+            num_batches=payload.calibration_batches, seed=payload.seed,
+        )
+        value = accuracy(self.supernet, arch, payload.validation)
+        static = self.supernet.extract(arch).eval()
+        params, macs = arch_cost(self.space, arch)
+        validation = prepare_batch(payload.validation.inputs, payload.validation.targets, arch)[0]
+        calibration = prepare_batch(payload.int8_calibration, payload.int8_calibration, arch)[0]
+        models: dict[str, bytes] = {}
+        agreement = None
+        with tempfile.TemporaryDirectory(prefix="nasforge-eval-") as folder:
+            fp32_path = Path(folder) / "model.onnx"
+            export_onnx(static, calibration[:2], fp32_path, arch=arch, space_name=self.space.name, check_inputs=validation[:16])
+            models["fp32"] = fp32_path.read_bytes()
+            if payload.int8:
+                int8_path = Path(folder) / "model.int8.onnx"
+                result = quantize_int8(fp32_path, int8_path, calibration=calibration, validation=validation, min_agreement=0.0)
+                models["int8"] = int8_path.read_bytes()
+                agreement = result.int8_top1_agreement
+        return Evaluation(arch_json, value, params, macs, models, agreement, time.perf_counter() - started, self.worker)
+
+
+class Pool(Protocol):
+    workers: int
+
+    def map(self, arch_jsons: Iterable[str]) -> Iterator[Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+EvaluatorFactory = Callable[[EvaluatorPayload], Any]
+
+
+class InProcessPool:
+    """``--workers 1``: evaluates in this process, in order; no Ray."""
+
+    workers = 1
+
+    def __init__(self, payload: EvaluatorPayload, factory: EvaluatorFactory = Evaluator) -> None:
+        self.evaluator = factory(payload)
+
+    def map(self, arch_jsons: Iterable[str]) -> Iterator[Outcome]:
+        for arch_json in arch_jsons:
+            try:
+                yield Outcome(arch_json, self.evaluator.evaluate(arch_json))
+            except Exception as error:  # noqa: BLE001 - one broken candidate must not end the search
+                logger.warning("evaluating %s failed: %s", arch_json, error)
+                yield Outcome(arch_json, error=f"{type(error).__name__}: {error}")
+
+    def close(self) -> None:
+        self.evaluator = None
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as error:
+        raise ImportError(f"parallel search (--workers > 1 or --address) needs Ray: {RAY_INSTALL_HINT}") from error
+    return ray
+
+
+@dataclass
+class _Pending:
+    arch_json: str
+    attempts: int = 0
+
+
+@dataclass
+class RayPool:
+    """N evaluator actors (one CPU and one thread each) on a local Ray or the cluster at ``address``.
+
+    The payload is put in the object store once; each actor builds its ``Evaluator`` from it once. ``map`` keeps
+    every actor busy, yields outcomes as they finish, and when an actor dies (``RayActorError``: the process
+    crashed or its node left) replaces it and retries the arch, at most ``max_retries`` times.
+    """
+
+    payload: EvaluatorPayload
+    workers: int
+    address: str | None = None
+    factory: EvaluatorFactory = Evaluator
+    max_retries: int = 2
+    started_ray: bool = False
+    actors: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ray = _ray()
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            if self.address:
+                ray.init(address=self.address, **options)
+            else:
+                ray.init(num_cpus=self.workers, object_store_memory=256 * 1024**2, **options)
+            self.started_ray = True
+        self._remote_class = ray.remote(num_cpus=1, max_restarts=0)(_RemoteEvaluator)
+        self._payload_ref = ray.put(self.payload)
+        self.actors = [self._new_actor() for _ in range(self.workers)]
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except Exception as error:
+            self.close()
+            raise EvaluatorStartError(f"the Ray evaluators could not start: {error}") from None
+
+    def _new_actor(self) -> Any:
+        return self._remote_class.remote(self._payload_ref, self.factory)
+
+    def map(self, arch_jsons: Iterable[str]) -> Iterator[Outcome]:
+        ray = _ray()
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = deque(_Pending(arch_json) for arch_json in arch_jsons)
+        idle = deque(range(len(self.actors)))
+        running: dict[Any, tuple[int, _Pending]] = {}
+        while queue or running:
+            while queue and idle:
+                index = idle.popleft()
+                pending = queue.popleft()
+                pending.attempts += 1
+                running[self.actors[index].evaluate.remote(pending.arch_json)] = (index, pending)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for reference in done:
+                index, pending = running.pop(reference)
+                try:
+                    evaluation = ray.get(reference)
+                except RayActorError as error:
+                    logger.warning("evaluator %d died on %s (%s); starting a new one", index, pending.arch_json, error)
+                    ray.kill(self.actors[index], no_restart=True)
+                    self.actors[index] = self._new_actor()
+                    if pending.attempts <= self.max_retries:
+                        queue.appendleft(pending)
+                    else:
+                        yield Outcome(pending.arch_json, error=f"evaluator died {pending.attempts} times", attempts=pending.attempts)
+                except RayTaskError as error:
+                    cause = error.cause if error.cause is not None else error
+                    yield Outcome(pending.arch_json, error=f"{type(cause).__name__}: {cause}", attempts=pending.attempts)
+                else:
+                    yield Outcome(pending.arch_json, evaluation, attempts=pending.attempts)
+                idle.append(index)
+
+    def close(self) -> None:
+        ray = _ray()
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+
+class _RemoteEvaluator:
+    """The Ray actor body: one evaluator, built once from the payload in the object store."""
+
+    def __init__(self, payload: EvaluatorPayload, factory: EvaluatorFactory) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        self.evaluator = factory(payload)
+
+    def ready(self) -> str:
+        return self.evaluator.worker if hasattr(self.evaluator, "worker") else str(os.getpid())
+
+    def evaluate(self, arch_json: str) -> Evaluation:
+        return self.evaluator.evaluate(arch_json)
+
+
+def make_pool(payload: EvaluatorPayload, *, workers: int, address: str | None, factory: EvaluatorFactory = Evaluator) -> Pool:
+    """``InProcessPool`` for one local worker, else a ``RayPool``."""
+    if workers <= 1 and not address:
+        return InProcessPool(payload, factory)
+    return RayPool(payload, workers, address, factory)
+
+
+__all__ = ["Evaluation", "Evaluator", "EvaluatorPayload", "EvaluatorStartError", "InProcessPool", "Outcome", "RayPool", "make_pool"]

@@ -1,0 +1,254 @@
+"""What a search leaves in its run directory: ``trials.csv``, ``pareto.json``, ``pareto.png`` and ``report.md``,
+and the exported front (``pareto/<trial>_<arch>/``: fp32 + INT8 ONNX, the arch as YAML, static weights)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nas.search import SEARCH_DIR, STUDY_FILE, distinct_trials, feasible, hypervolume, latency_key, pareto_front
+from nas.supernets.space import Arch
+from nas.workflow import ExportReport, export_loaded, load_export_context
+
+logger = logging.getLogger(__name__)
+
+PARETO_DIR = "pareto"
+
+
+@dataclass(frozen=True, slots=True)
+class FrontExport:
+    trial: int
+    out_dir: Path
+    report: ExportReport | None
+    error: str | None = None
+
+
+def front_folder(trial: Any) -> str:
+    return f"t{trial.number:04d}_{Arch.from_json(trial.user_attrs['arch']).short_name()}"
+
+
+def front_trials(study: Any) -> dict[int, Any]:
+    """The union of every target's front, by trial number."""
+    members: dict[int, Any] = {}
+    for target in study.user_attrs["settings"]["targets"]:
+        for trial in pareto_front(study, target):
+            members[trial.number] = trial
+    return dict(sorted(members.items()))
+
+
+def export_trials(run_dir: Path, trials: list[Any], *, int8: bool, out_root: Path | None = None, progress: Any = None) -> dict[int, FrontExport]:
+    """Export each trial's arch to ``out_root/<trial>_<arch>/`` (default ``RUN_DIR/pareto``); the run is loaded
+    once. A failed INT8 agreement check leaves that member fp32-only, with the reason recorded."""
+    from nas.export import ExportError
+
+    root = Path(out_root) if out_root else Path(run_dir) / PARETO_DIR
+    context = load_export_context(run_dir)
+    results: dict[int, FrontExport] = {}
+    bar = progress(len(trials), "export", 0) if progress else None
+    try:
+        for trial in trials:
+            arch = Arch.from_json(trial.user_attrs["arch"])
+            out_dir = root / front_folder(trial)
+            try:
+                report = export_loaded(context, arch, int8=int8, out=out_dir, int8_optional=True)
+                results[trial.number] = FrontExport(trial.number, out_dir, report, report.int8_error)
+            except ExportError as error:
+                logger.warning("exporting trial %d failed: %s", trial.number, error)
+                results[trial.number] = FrontExport(trial.number, out_dir, None, str(error))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def write_trials_csv(study: Any, path: Path) -> None:
+    """One row per trial (every state), latency columns per target."""
+    targets = study.user_attrs["settings"]["targets"]
+    columns = ["number", "state", "arch_name", "accuracy"]
+    for name in targets:
+        columns += [f"{name}_median_ms", f"{name}_p10_ms", f"{name}_cv"]
+    columns += ["params", "macs", "feasible", "duplicate_of", "worker", "evaluation_seconds", "error", "arch"]
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns)
+        for trial in study.get_trials(deepcopy=False):
+            attrs = trial.user_attrs
+            arch = attrs.get("arch")
+            row: list[Any] = [trial.number, trial.state.name, Arch.from_json(arch).short_name() if arch else "", trial.values[0] if trial.values else ""]
+            for name in targets:
+                measurement = attrs.get(latency_key(name)) or {}
+                row += [measurement.get("median_ms", ""), measurement.get("p10_ms", ""), measurement.get("cv", "")]
+            row += [attrs.get("params", ""), attrs.get("macs", ""), feasible(trial) if trial.values else "", attrs.get("duplicate_of", ""),
+                    attrs.get("worker", ""), attrs.get("evaluation_seconds", ""), attrs.get("error", ""), arch or ""]
+            writer.writerow(row)
+
+
+def _member(trial: Any, targets: list[str], exports: dict[int, FrontExport], run_dir: Path) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    entry: dict[str, Any] = {
+        "trial": trial.number,
+        "arch_name": Arch.from_json(attrs["arch"]).short_name(),
+        "arch": json.loads(attrs["arch"]),
+        "val_accuracy": trial.values[0],
+        "latency_ms": {name: attrs[latency_key(name)] for name in targets},
+        "params": attrs.get("params"),
+        "macs": attrs.get("macs"),
+    }
+    export = exports.get(trial.number)
+    if export is not None:
+        entry["export"] = {
+            "folder": str(export.out_dir.relative_to(run_dir)) if export.out_dir.is_relative_to(run_dir) else str(export.out_dir),
+            "test_accuracy": export.report.test_accuracy if export.report else None,
+            "onnx_max_abs_error": export.report.export.max_abs_error if export.report else None,
+            "int8_top1_agreement": export.report.export.int8_top1_agreement if export.report else None,
+            "error": export.error,
+        }
+    return entry
+
+
+def pareto_summary(study: Any, exports: dict[int, FrontExport], run_dir: Path) -> dict[str, Any]:
+    settings = study.user_attrs["settings"]
+    targets = list(settings["targets"])
+    trials = distinct_trials(study)
+    summary: dict[str, Any] = {"study": f"{SEARCH_DIR}/{STUDY_FILE}", "settings": settings, "constraints": study.user_attrs.get("constraints", []),
+                               "distinct_trials": len(trials), "fronts": {}}
+    for index, name in enumerate(targets, start=1):
+        front = pareto_front(study, name)
+        reference = 1.1 * max((trial.values[index] for trial in trials), default=1.0)
+        summary["fronts"][name] = {
+            "hypervolume": hypervolume(front, index, reference),
+            "hypervolume_reference": {"accuracy": 0.0, "latency_ms": reference},
+            "members": [_member(trial, targets, exports, run_dir) for trial in front],
+        }
+    return summary
+
+
+def plot_fronts(study: Any, path: Path) -> None:
+    """Accuracy vs measured latency, one panel per target; the front highlighted, infeasible trials crossed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(study.user_attrs["settings"]["targets"])
+    trials = distinct_trials(study)
+    figure, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets), 4.2), squeeze=False)
+    for index, (name, axis) in enumerate(zip(targets, axes[0]), start=1):
+        good = [trial for trial in trials if feasible(trial)]
+        bad = [trial for trial in trials if not feasible(trial)]
+        front = pareto_front(study, name)
+        axis.scatter([t.values[index] for t in good], [t.values[0] for t in good], s=18, color="0.65", label="trials")
+        if bad:
+            axis.scatter([t.values[index] for t in bad], [t.values[0] for t in bad], s=18, marker="x", color="0.8", label="infeasible")
+        axis.step([t.values[index] for t in front], [t.values[0] for t in front], where="post", color="tab:red", linewidth=1.2)
+        axis.scatter([t.values[index] for t in front], [t.values[0] for t in front], s=34, color="tab:red", label="Pareto front", zorder=3)
+        fingerprint = (front or trials)[0].user_attrs[latency_key(name)].get("fingerprint", {}) if (front or trials) else {}
+        axis.set_title(f"{name} ({fingerprint.get('threads', '?')} thread(s), batch {fingerprint.get('batch_size', '?')})")
+        axis.set_xlabel("measured latency, median (ms)")
+        axis.set_ylabel("validation accuracy")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def op_type_comparison(members: list[FrontExport]) -> list[Any]:
+    """fp32 vs INT8 time per op kind, summed over the exported front members that have both models (CPU)."""
+    from nas.latency import compare_op_types, op_type_profile, resolve_target
+
+    fp32_total: dict[str, float] = {}
+    int8_total: dict[str, float] = {}
+    fp32_target, int8_target = resolve_target("cpu_fp32"), resolve_target("cpu_int8")
+    for member in members:
+        int8_path = member.out_dir / "model.int8.onnx"
+        if member.report is None or not int8_path.exists():
+            continue
+        for total, path, target in ((fp32_total, member.out_dir / "model.onnx", fp32_target), (int8_total, int8_path, int8_target)):
+            for kind, microseconds in op_type_profile(path, target).items():
+                total[kind] = total.get(kind, 0.0) + microseconds
+    if not fp32_total:
+        return []
+    return compare_op_types(fp32_total, int8_total)
+
+
+def _fmt_latency(measurement: dict[str, Any]) -> str:
+    return f"{measurement['median_ms']:.4g} [{measurement['p10_ms']:.4g}] ±{100 * measurement['cv']:.1f}%"
+
+
+def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: list[Any], space_name: str, elapsed: dict[str, float]) -> None:
+    settings = summary["settings"]
+    targets = list(settings["targets"])
+    lines = [f"# nasforge search report: {space_name}", ""]
+    lines += [
+        f"{summary['distinct_trials']} distinct architectures evaluated with the `{settings['sampler']}` sampler "
+        f"(seed {settings['seed']}); objectives: validation accuracy (inherited weights, BN recalibrated) and median "
+        f"latency on {', '.join(f'`{name}`' for name in targets)}. The study is `{summary['study']}` (Optuna journal).",
+        "",
+    ]
+    if summary["constraints"]:
+        lines += ["Constraints: " + "; ".join(f"`{text}`" for text in summary["constraints"]) + ". Infeasible trials are never on a front.", ""]
+    if elapsed:
+        lines += ["Wall time: " + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in elapsed.items()) + ".", ""]
+    for name in targets:
+        front = summary["fronts"][name]
+        lines += [f"## Front on `{name}`", "", f"Hypervolume {front['hypervolume']:.4g} (reference: accuracy 0, latency {front['hypervolume_reference']['latency_ms']:.4g} ms).", ""]
+        header = "| trial | arch | val acc | test acc (exported) | " + " | ".join(f"{target} ms: median [p10] ±CV" for target in targets) + " | params | MACs | INT8 agreement | folder |"
+        lines += [header, "|" + "---|" * (8 + len(targets))]
+        for member in front["members"]:
+            export = member.get("export") or {}
+            test = f"{export['test_accuracy']:.4f}" if export.get("test_accuracy") is not None else "-"
+            agreement = f"{export['int8_top1_agreement']:.3f}" if export.get("int8_top1_agreement") is not None else (export.get("error") or "-")
+            cells = [str(member["trial"]), f"`{member['arch_name']}`", f"{member['val_accuracy']:.4f}", test]
+            cells += [_fmt_latency(member["latency_ms"][target]) for target in targets]
+            cells += [f"{member['params']:,}", f"{member['macs']:,}", agreement, f"`{export.get('folder', '-')}`"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## How latency was measured", ""]
+    for name in targets:
+        trials = distinct_trials(study)
+        fingerprint = trials[0].user_attrs[latency_key(name)].get("fingerprint", {}) if trials else {}
+        described = ", ".join(f"{key} {value}" for key, value in fingerprint.items() if not isinstance(value, (dict, list)))
+        flags = fingerprint.get("cpu_flags")
+        lines.append(f"- `{name}`: {described}" + (f", CPU flags {', '.join(flags)}" if flags else ""))
+    lines += [
+        "",
+        "ONNX Runtime, one session per model on this machine (the search driver, with every evaluator idle); warm-up, then "
+        "the candidates of each batch measured interleaved in blocks until each median is stable or the time cap is "
+        "reached. Figures are the median and 10th percentile per run of the full batch-1 graph; ±CV is the spread of "
+        "the samples. See the README's measurement protocol.",
+        "",
+    ]
+    if op_types:
+        faster = [row for row in op_types if row.fp32_us > 0 and row.int8_us < row.fp32_us]
+        slower = [row for row in op_types if row.int8_us >= row.fp32_us]
+        lines += ["## INT8 vs fp32 by op type (this CPU)", "", "ONNX Runtime profiles of the exported front, fp32 and static QDQ INT8, summed over its members:", ""]
+        lines += ["| op kind | fp32 µs | INT8 µs | INT8 speed-up |", "|---|---|---|---|"]
+        for row in op_types:
+            speedup = f"{row.speedup:.2f}x" if row.fp32_us > 0 and row.int8_us > 0 else "-"
+            lines.append(f"| {row.kind} | {row.fp32_us:.1f} | {row.int8_us:.1f} | {speedup} |")
+        lines += ["", "Faster in INT8: " + (", ".join(row.kind for row in faster) or "none") + ".",
+                  "Slower in INT8 (or only there): " + (", ".join(row.kind for row in slower) or "none") + ".", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_outputs(run_dir: Path, study: Any, exports: dict[int, FrontExport], *, space_name: str, op_types: list[Any], elapsed: dict[str, float]) -> dict[str, Any]:
+    """Write trials.csv, pareto.json, pareto.png and report.md into ``run_dir``; returns the pareto summary."""
+    run_dir = Path(run_dir)
+    write_trials_csv(study, run_dir / "trials.csv")
+    summary = pareto_summary(study, exports, run_dir)
+    if op_types:
+        summary["int8_vs_fp32_op_types"] = [{"kind": row.kind, "fp32_us": row.fp32_us, "int8_us": row.int8_us, "speedup": row.speedup} for row in op_types]
+    (run_dir / "pareto.json").write_text(json.dumps(summary, indent=1))
+    plot_fronts(study, run_dir / "pareto.png")
+    write_report(study, summary, run_dir / "report.md", op_types=op_types, space_name=space_name, elapsed=elapsed)
+    return summary
+
+
+__all__ = ["FrontExport", "export_trials", "front_trials", "op_type_comparison", "plot_fronts", "write_outputs"]
