@@ -41,8 +41,9 @@ def instant_measure(models: dict[str, bytes], target: str) -> dict[str, dict]:
     return {key: {"median_ms": 1.0 + len(key) * 1e-6, "p10_ms": 1.0, "p90_ms": 1.0, "cv": 0.0, "samples": 1, "stable": True, "seconds": 0.0, "fingerprint": {}} for key in models}
 
 
-def search_once(trained: Path, workers: int, trials: int, **kwargs) -> tuple[float, float]:
-    """(distinct archs per second after start-up, start-up seconds) of one fresh search of ``trained``."""
+def search_once(trained: Path, workers: int, trials: int, **kwargs) -> tuple[float, float, float, float]:
+    """Of one fresh search of ``trained``: distinct archs per second after start-up, start-up seconds, and the
+    seconds spent in the evaluation and in the measurement phases."""
     with tempfile.TemporaryDirectory(prefix="nasforge-bench-") as folder:
         run_dir = Path(folder) / "run"
         shutil.copytree(trained, run_dir, ignore=shutil.ignore_patterns("search", "pareto", "exports"))
@@ -50,7 +51,7 @@ def search_once(trained: Path, workers: int, trials: int, **kwargs) -> tuple[flo
         settings = SearchSettings.from_config(config.search, trials=trials, workers=workers)
         result = run_search(run_dir, settings, **kwargs)
         loop = result.seconds - result.startup_seconds
-        return result.evaluated / loop, result.startup_seconds
+        return result.evaluated / loop, result.startup_seconds, result.evaluation_seconds, result.measurement_seconds
 
 
 def main() -> None:
@@ -68,21 +69,24 @@ def main() -> None:
         train(load_config(args.space), trained, resume=(trained / "checkpoint").exists())
 
     ratios, single, multi, startups = [], [], [], {1: [], args.workers: []}
+    phases: dict[int, list[tuple[float, float]]] = {1: [], args.workers: []}
     for round_index in range(args.rounds):
         order = (1, args.workers) if round_index % 2 == 0 else (args.workers, 1)
         rates = {}
         for workers in order:
-            rate, startup = search_once(trained, workers, args.trials)
+            rate, startup, evaluation, measurement = search_once(trained, workers, args.trials)
             rates[workers] = rate
             startups[workers].append(startup)
-            print(f"round {round_index + 1}: workers {workers}: {rate:.3f} archs/s (start-up {startup:.1f} s)")
+            phases[workers].append((evaluation, measurement))
+            print(f"round {round_index + 1}: workers {workers}: {rate:.3f} archs/s (start-up {startup:.1f} s, "
+                  f"evaluation {evaluation:.1f} s, measurement {measurement:.1f} s)")
         single.append(rates[1])
         multi.append(rates[args.workers])
         ratios.append(rates[args.workers] / rates[1])
 
     overhead = {}
     for workers in (1, args.workers):
-        rate, _ = search_once(trained, workers, args.overhead_trials, factory=InstantEvaluator, measure=instant_measure)
+        rate, *_ = search_once(trained, workers, args.overhead_trials, factory=InstantEvaluator, measure=instant_measure)
         overhead[workers] = 1.0 / rate
 
     print()
@@ -92,6 +96,10 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| distinct archs / s (median of {args.rounds} rounds) | {statistics.median(single):.3f} | {statistics.median(multi):.3f} | "
           f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |")
+    evaluation = {workers: statistics.median(args.trials / phase[0] for phase in values) for workers, values in phases.items()}
+    measurement = {workers: statistics.median(phase[1] / args.trials for phase in values) for workers, values in phases.items()}
+    print(f"| evaluation phase only, archs / s | {evaluation[1]:.3f} | {evaluation[args.workers]:.3f} | {evaluation[args.workers] / evaluation[1]:.2f}x |")
+    print(f"| measurement phase (serial by design), s per arch | {measurement[1]:.3f} | {measurement[args.workers]:.3f} | |")
     print(f"| start-up (load data, build evaluators), s | {statistics.median(startups[1]):.1f} | {statistics.median(startups[args.workers]):.1f} | |")
     print(f"| scheduling overhead per trial, s ({args.overhead_trials} instant trials) | {overhead[1]:.4f} | {overhead[args.workers]:.4f} | |")
 

@@ -211,15 +211,19 @@ class RayPool:
             self.started_ray = True
         self._remote_class = ray.remote(num_cpus=1, max_restarts=0)(_RemoteEvaluator)
         self._payload_ref = ray.put(self.payload)
-        self.actors = [self._new_actor() for _ in range(self.workers)]
+        self.actors = [self._new_actor(index) for index in range(self.workers)]
         try:
             ray.get([actor.ready.remote() for actor in self.actors])
         except Exception as error:
             self.close()
             raise EvaluatorStartError(f"the Ray evaluators could not start: {error}") from None
 
-    def _new_actor(self) -> Any:
-        return self._remote_class.remote(self._payload_ref, self.factory)
+    def _new_actor(self, index: int) -> Any:
+        """Actor ``index``; on a local Ray it is pinned to core ``index`` (mod the core count), so that the
+        thread pools ONNX Runtime's quantization tools start with default sizes cannot spill onto other workers."""
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        core = cores[index % len(cores)] if cores and not self.address else None
+        return self._remote_class.remote(self._payload_ref, self.factory, core)
 
     def map(self, arch_jsons: Iterable[str]) -> Iterator[Outcome]:
         ray = _ray()
@@ -242,7 +246,7 @@ class RayPool:
                 except RayActorError as error:
                     logger.warning("evaluator %d died on %s (%s); starting a new one", index, pending.arch_json, error)
                     ray.kill(self.actors[index], no_restart=True)
-                    self.actors[index] = self._new_actor()
+                    self.actors[index] = self._new_actor(index)
                     if pending.attempts <= self.max_retries:
                         queue.appendleft(pending)
                     else:
@@ -267,15 +271,22 @@ class RayPool:
 class _RemoteEvaluator:
     """The Ray actor body: one evaluator, built once from the payload in the object store."""
 
-    def __init__(self, payload: EvaluatorPayload, factory: EvaluatorFactory) -> None:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    def __init__(self, payload: EvaluatorPayload, factory: EvaluatorFactory, core: int | None = None) -> None:
+        if core is not None:
+            os.sched_setaffinity(0, {core})
         self.evaluator = factory(payload)
 
     def ready(self) -> str:
         return self.evaluator.worker if hasattr(self.evaluator, "worker") else str(os.getpid())
 
     def evaluate(self, arch_json: str) -> Evaluation:
-        return self.evaluator.evaluate(arch_json)
+        import dataclasses
+
+        import ray
+
+        evaluation = self.evaluator.evaluate(arch_json)
+        node = ray.get_runtime_context().get_node_id()[:12]
+        return dataclasses.replace(evaluation, worker=f"{evaluation.worker} (ray node {node})")
 
 
 def make_pool(payload: EvaluatorPayload, *, workers: int, address: str | None, factory: EvaluatorFactory = Evaluator) -> Pool:

@@ -178,6 +178,20 @@ def op_type_comparison(members: list[FrontExport]) -> list[Any]:
     return compare_op_types(fp32_total, int8_total)
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{key} {item}" for key, item in value.items()) + ")"
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(item) for item in value)
+    return str(value)
+
+
+def _has_vnni() -> bool:
+    from nas.export import cpu_has_vnni
+
+    return cpu_has_vnni()
+
+
 def _fmt_latency(measurement: dict[str, Any]) -> str:
     return f"{measurement['median_ms']:.4g} [{measurement['p10_ms']:.4g}] ±{100 * measurement['cv']:.1f}%"
 
@@ -187,9 +201,11 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
     targets = list(settings["targets"])
     lines = [f"# nasforge search report: {space_name}", ""]
     lines += [
-        f"{summary['distinct_trials']} distinct architectures evaluated with the `{settings['sampler']}` sampler "
-        f"(seed {settings['seed']}); objectives: validation accuracy (inherited weights, BN recalibrated) and median "
-        f"latency on {', '.join(f'`{name}`' for name in targets)}. The study is `{summary['study']}` (Optuna journal).",
+        (
+            f"{summary['distinct_trials']} distinct architectures evaluated with the `{settings['sampler']}` sampler "
+            f"(seed {settings['seed']}); objectives: validation accuracy (inherited weights, BN recalibrated) and median "
+            f"latency on {', '.join(f'`{name}`' for name in targets)}. The study is `{summary['study']}` (Optuna journal)."
+        ),
         "",
     ]
     if summary["constraints"]:
@@ -214,27 +230,47 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
     for name in targets:
         trials = distinct_trials(study)
         fingerprint = trials[0].user_attrs[latency_key(name)].get("fingerprint", {}) if trials else {}
-        described = ", ".join(f"{key} {value}" for key, value in fingerprint.items() if not isinstance(value, (dict, list)))
+        described = ", ".join(f"{key} {_describe(value)}" for key, value in fingerprint.items() if key not in ("cpu_flags", "target", "input_shape"))
         flags = fingerprint.get("cpu_flags")
         lines.append(f"- `{name}`: {described}" + (f", CPU flags {', '.join(flags)}" if flags else ""))
     lines += [
         "",
-        "ONNX Runtime, one session per model on this machine (the search driver, with every evaluator idle); warm-up, then "
-        "the candidates of each batch measured interleaved in blocks until each median is stable or the time cap is "
-        "reached. Figures are the median and 10th percentile per run of the full batch-1 graph; ±CV is the spread of "
-        "the samples. See the README's measurement protocol.",
+        (
+            "ONNX Runtime, one session per model on this machine (the search driver, with every evaluator idle); warm-up, "
+            "then the candidates of each batch measured interleaved in blocks until each median is stable or the time cap "
+            f"is reached. Figures are the median and 10th percentile of one run of the whole graph at batch size "
+            f"{settings['batch_size']}; ±CV is the robust spread of the samples (1.4826 MAD / median). See the README's "
+            "measurement protocol."
+        ),
         "",
     ]
     if op_types:
-        faster = [row for row in op_types if row.fp32_us > 0 and row.int8_us < row.fp32_us]
-        slower = [row for row in op_types if row.int8_us >= row.fp32_us]
+        both = [row for row in op_types if row.fp32_us > 0 and row.int8_us > 0]
+        faster = [row for row in both if row.int8_us < row.fp32_us]
+        slower = [row for row in both if row.int8_us >= row.fp32_us]
+        int8_only = [row for row in op_types if row.fp32_us == 0]
+        fp32_only = [row for row in op_types if row.int8_us == 0]
         lines += ["## INT8 vs fp32 by op type (this CPU)", "", "ONNX Runtime profiles of the exported front, fp32 and static QDQ INT8, summed over its members:", ""]
         lines += ["| op kind | fp32 µs | INT8 µs | INT8 speed-up |", "|---|---|---|---|"]
         for row in op_types:
             speedup = f"{row.speedup:.2f}x" if row.fp32_us > 0 and row.int8_us > 0 else "-"
             lines.append(f"| {row.kind} | {row.fp32_us:.1f} | {row.int8_us:.1f} | {speedup} |")
-        lines += ["", "Faster in INT8: " + (", ".join(row.kind for row in faster) or "none") + ".",
-                  "Slower in INT8 (or only there): " + (", ".join(row.kind for row in slower) or "none") + ".", ""]
+        total_fp32 = sum(row.fp32_us for row in op_types)
+        total_int8 = sum(row.int8_us for row in op_types)
+        lines += [
+            "",
+            "Faster in INT8: " + (", ".join(f"{row.kind} ({row.speedup:.2f}x)" for row in faster) or "none") + ".",
+            "Slower in INT8: " + (", ".join(f"{row.kind} ({row.speedup:.2f}x)" for row in slower) or "none") + ".",
+            "Only in the INT8 graph (quantisation overhead, unfused activations, layout changes): " + (", ".join(row.kind for row in int8_only) or "none") + ".",
+            "Only in the fp32 graph (fused away or replaced in INT8): " + (", ".join(row.kind for row in fp32_only) or "none") + ".",
+            (
+                f"Profiled total: fp32 {total_fp32:.0f} µs, INT8 {total_int8:.0f} µs (profiling adds per-node overhead, so use "
+                "these for proportions; the fronts above use the unprofiled medians). This CPU "
+                + ("has" if _has_vnni() else "has no")
+                + " 8-bit dot-product instructions (VNNI / AMX)."
+            ),
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 

@@ -27,7 +27,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +292,8 @@ class SearchResult:
     failed: int
     seconds: float
     startup_seconds: float = 0.0
-    trial_seconds: list[float] = field(default_factory=list)
+    evaluation_seconds: float = 0.0
+    measurement_seconds: float = 0.0
 
 
 def _measurement_values(measurement: dict[str, Any]) -> float:
@@ -333,7 +334,6 @@ def run_search(
     progress: Callable[[int, str, int], Any] | None = None,
     factory: EvaluatorFactory = Evaluator,
     measure: Callable[..., dict[str, Any]] | None = None,
-    stop_after_batches: int | None = None,
 ) -> SearchResult:
     """Search the accuracy-latency front of the trained run in ``run_dir`` (see the module docstring).
 
@@ -345,7 +345,6 @@ def run_search(
         factory: builds the evaluator from the payload (tests inject failing evaluators).
         measure: ``measure(models: {arch_json: bytes}, target_name) -> {arch_json: measurement dict}``; default
             ``nas.latency`` with this run's protocol settings.
-        stop_after_batches: end after that many batches (tests).
     """
     from optuna.trial import TrialState
 
@@ -380,16 +379,14 @@ def run_search(
     del supernet
     pool = make_pool(payload, workers=settings.workers, address=settings.address, factory=factory)
     startup_seconds = time.perf_counter() - started
-    batch_size = max(4, 2 * pool.workers)
+    batch_size = max(8, 4 * pool.workers)
     bar = progress(target_total, "search", evaluated) if progress else None
     duplicates = failed = batches = 0
-    trial_seconds: list[float] = []
+    phase_seconds = [0.0, 0.0]
     max_asks = MAX_ASKS_PER_TRIAL * target_total
     asks = 0
     try:
         while evaluated < target_total and asks < max_asks:
-            if stop_after_batches is not None and batches >= stop_after_batches:
-                break
             batch_started = time.perf_counter()
             batch: dict[str, list[Any]] = {}
             while len(batch) < min(batch_size, target_total - evaluated) and asks < max_asks:
@@ -407,7 +404,14 @@ def run_search(
                 continue
             outcomes = {outcome.arch_json: outcome for outcome in pool.map(list(batch))}
             evaluations = {key: outcome.evaluation for key, outcome in outcomes.items() if outcome.evaluation is not None}
+            evaluated_at = time.perf_counter()
             latencies = _measure_batch(evaluations, settings, fingerprints, latency_cache, measure)
+            phase_seconds[0] += evaluated_at - batch_started
+            phase_seconds[1] += time.perf_counter() - evaluated_at
+            logger.info(
+                "batch %d: %d arch(s) evaluated in %.2f s, measured in %.2f s", batches + 1, len(batch),
+                evaluated_at - batch_started, time.perf_counter() - evaluated_at,
+            )
             for arch_json, trials in batch.items():
                 outcome = outcomes[arch_json]
                 if outcome.evaluation is None:
@@ -417,7 +421,7 @@ def run_search(
                         study.tell(trial, state=TrialState.FAIL)
                     logger.warning("trial %d failed: %s", trials[0].number, outcome.error)
                     continue
-                first = _tell_evaluation(study, trials[0], outcome.evaluation, latencies[arch_json], settings, fingerprints)
+                first = _tell_evaluation(study, trials[0], outcome.evaluation, latencies[arch_json], settings)
                 completed[arch_json] = first
                 for trial in trials[1:]:
                     _tell_duplicate(study, trial, first)
@@ -426,7 +430,6 @@ def run_search(
                 if bar is not None:
                     bar.update(1)
             batches += 1
-            trial_seconds.append((time.perf_counter() - batch_started) / max(1, len(batch)))
             if bar is not None:
                 bar.set_postfix(_progress_summary(study, settings))
             if failed > max(5, target_total // 2) and evaluated == 0:
@@ -437,7 +440,7 @@ def run_search(
         pool.close()
     if asks >= max_asks and evaluated < target_total:
         logger.warning("the sampler kept proposing archs already evaluated; stopping at %d distinct archs", evaluated)
-    return SearchResult(run_dir, study, settings, evaluated, duplicates, failed, time.perf_counter() - started, startup_seconds, trial_seconds)
+    return SearchResult(run_dir, study, settings, evaluated, duplicates, failed, time.perf_counter() - started, startup_seconds, *phase_seconds)
 
 
 def _progress_summary(study: Any, settings: SearchSettings) -> dict[str, str]:
@@ -460,10 +463,7 @@ def _tell_duplicate(study: Any, trial: Any, original: Any) -> None:
     study.tell(trial, list(original.values))
 
 
-def _tell_evaluation(
-    study: Any, trial: Any, evaluation: Evaluation, latencies: dict[str, dict[str, Any]], settings: SearchSettings,
-    fingerprints: dict[str, dict[str, Any]],
-) -> Any:
+def _tell_evaluation(study: Any, trial: Any, evaluation: Evaluation, latencies: dict[str, dict[str, Any]], settings: SearchSettings) -> Any:
     trial.set_user_attr("params", evaluation.params)
     trial.set_user_attr("macs", evaluation.macs)
     trial.set_user_attr("evaluation_seconds", round(evaluation.seconds, 4))
@@ -578,8 +578,8 @@ __all__ = [
     "hypervolume",
     "load_study",
     "open_study",
-    "pareto_front",
     "params_from_arch",
+    "pareto_front",
     "run_search",
     "search_distributions",
 ]

@@ -18,7 +18,7 @@ from nas.supernets.space import Arch
 
 @pytest.mark.slow
 def test_nas_run_quickstart_reaches_the_accuracy_targets_and_exports_checked_fronts(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "nas.cli", "run", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run([sys.executable, "-m", "nas.cli", "run", "--out", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=1800, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
