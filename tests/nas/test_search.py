@@ -293,3 +293,27 @@ def test_nas_run_rejects_bad_options_without_a_traceback(tmp_path: Path) -> None
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2
     assert "unknown latency target" in err and "Traceback" not in err
+
+
+def test_ctrl_c_mid_search_exits_130_cleanly_and_resume_finishes(trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(trained / "tiny.yaml", tmp_path / "tiny.yaml")
+    run_dir = fresh_run(trained, tmp_path)
+    process = run_cli("run", "tiny.yaml", "--out", "run", "--trials", "16", "--no-export", cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not complete_trials(run_dir) and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    before = complete_trials(run_dir)
+    assert 0 < len({arch for arch, _ in before.values()}) < 16
+
+    resumed = run_cli("run", "tiny.yaml", "--out", "run", "--trials", "16", "--resume", "--no-export", cwd=tmp_path)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    after = complete_trials(run_dir)
+    assert all(after[number] == record for number, record in before.items())
+    assert len({arch for arch, _ in after.values()}) == 16
