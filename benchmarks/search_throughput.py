@@ -37,8 +37,8 @@ class InstantEvaluator:
         return Evaluation(arch_json, 0.5, 1000, 1000, {"fp32": b"", "int8": b""}, None, 0.0, self.worker)
 
 
-def instant_measure(models: dict[str, bytes], target: str) -> dict[str, dict]:
-    return {key: {"median_ms": 1.0 + len(key) * 1e-6, "p10_ms": 1.0, "p90_ms": 1.0, "cv": 0.0, "samples": 1, "stable": True, "seconds": 0.0, "fingerprint": {}} for key in models}
+def instant_measure(models: dict[tuple[str, str], bytes]) -> dict[tuple[str, str], dict]:
+    return {key: {"median_ms": 1.0 + len(key[0]) * 1e-6, "p10_ms": 1.0, "p90_ms": 1.0, "cv": 0.0, "samples": 1, "stable": True, "seconds": 0.0, "fingerprint": {}} for key in models}
 
 
 def search_once(trained: Path, workers: int, trials: int, **kwargs) -> tuple[float, float, float, float]:

@@ -600,7 +600,7 @@ def _check_protocol(**values: float) -> None:
 
 def measure_latency(
     models: Mapping[K, ModelSource],
-    target: LatencyTarget,
+    target: LatencyTarget | Mapping[K, LatencyTarget],
     *,
     warmup: int = 10,
     block: int = 5,
@@ -621,7 +621,9 @@ def measure_latency(
         models: key -> ONNX file path or serialized model; each takes one input ``[B, C, H, W]`` float32 or
             ``[B, L]`` int64 whose first axis is the dynamic ``"batch"`` (or equals ``target.batch_size``).
             INT8 targets measure ``*.int8.onnx`` files, the others fp32 files.
-        target: provider, precision, threads and batch size (``resolve_target``).
+        target: provider, precision, threads and batch size (``resolve_target``); or a mapping with a target per
+            model key, so that e.g. the fp32 and the INT8 model of each candidate are measured interleaved in one
+            call and their ratio sees the same stretches of machine load.
         warmup: untimed runs per model before the interleaved phase.
         block: timed runs per model per round.
         rewarm: untimed runs before each block.
@@ -659,14 +661,14 @@ def measure_latency(
         max_seconds=float(max_seconds),
         rel_tolerance=float(rel_tolerance),
     )
-    if not isinstance(target, LatencyTarget):
-        raise LatencyError(f"target must be a LatencyTarget (see resolve_target), got {type(target).__name__}")
     if not models:
         raise LatencyError("measure_latency needs at least one model")
+    targets = _targets_of(models, target)
     candidates: dict[K, _Candidate] = {}
     try:
         for key, model in models.items():
             what = f"model {key!r}"
+            target = targets[key]
             source = _check_source(model, what)
             session = _create_session(source, target, _session_options(target), what)
             quantization = _quantization_metadata(session, target, what)
@@ -712,10 +714,25 @@ def measure_latency(
     for key, measurement in results.items():
         logger.info(
             "latency %r on %s: median %.4f ms [p10 %.4f, p90 %.4f], cv %.3f, %d samples, %s",
-            key, target.name, measurement.median_ms, measurement.p10_ms, measurement.p90_ms, measurement.cv,
+            key, targets[key].name, measurement.median_ms, measurement.p10_ms, measurement.p90_ms, measurement.cv,
             measurement.samples, "stable" if measurement.stable else "NOT stable",
         )
     return results
+
+
+def _targets_of(models: Mapping[K, ModelSource], target: LatencyTarget | Mapping[K, LatencyTarget]) -> dict[K, LatencyTarget]:
+    """``target`` for every model: one target for all, or a mapping with a target per model key."""
+    if isinstance(target, LatencyTarget):
+        return {key: target for key in models}
+    if not isinstance(target, Mapping):
+        raise LatencyError(f"target must be a LatencyTarget (see resolve_target) or a mapping of them, got {type(target).__name__}")
+    missing = [key for key in models if key not in target]
+    if missing:
+        raise LatencyError(f"no target given for model(s) {missing}")
+    for key in models:
+        if not isinstance(target[key], LatencyTarget):
+            raise LatencyError(f"target of model {key!r} must be a LatencyTarget (see resolve_target), got {type(target[key]).__name__}")
+    return {key: target[key] for key in models}
 
 
 def _interleave(

@@ -13,8 +13,8 @@ parameters, max MACs) are recorded on each trial with Optuna's ``Trial.set_const
 a sampler's ``constraints_func``), which every sampler and ``study.best_trials`` read.
 
 The loop is batch-synchronous: ask a batch of trials, evaluate their accuracy on the pool (in process, or Ray
-actors), then measure the batch's latencies interleaved, in this process, while the evaluators are idle, so the
-measurement runs on a quiet machine and on the one device the figures describe. An arch is evaluated and measured
+actors), then measure the batch's latencies on every target in one interleaved call, in this process, while the
+evaluators are idle, so the measurement runs on a quiet machine and on the one device the figures describe. An arch is evaluated and measured
 once: a sampler that proposes it again gets the stored values (the trial records ``duplicate_of``), and latency
 measurements are kept in ``RUN_DIR/search/latency.jsonl`` keyed on (arch, target, device fingerprint).
 """
@@ -343,8 +343,8 @@ def run_search(
         resume: continue the study in ``run_dir`` (trials a killed run left running are redone; completed ones stay).
         progress: ``progress(total, description, initial)`` -> a tqdm-like bar.
         factory: builds the evaluator from the payload (tests inject failing evaluators).
-        measure: ``measure(models: {arch_json: bytes}, target_name) -> {arch_json: measurement dict}``; default
-            ``nas.latency`` with this run's protocol settings.
+        measure: ``measure({(arch_json, target name): model bytes}) -> {same key: measurement dict}``; default
+            ``nas.latency.measure_latency`` with this run's protocol settings, all pairs interleaved in one call.
     """
     from optuna.trial import TrialState
 
@@ -485,13 +485,16 @@ def _fingerprints(settings: SearchSettings) -> dict[str, dict[str, Any]]:
     return {name: device_fingerprint(resolve_target(name, threads=settings.threads, batch_size=settings.batch_size)) for name in settings.targets}
 
 
-def _default_measure(settings: SearchSettings) -> Callable[[dict[str, bytes], str], dict[str, Any]]:
+def _default_measure(settings: SearchSettings) -> Callable[[dict[tuple[str, str], bytes]], dict[tuple[str, str], Any]]:
     from nas.latency import measure_latency, resolve_target
 
     targets = {name: resolve_target(name, threads=settings.threads, batch_size=settings.batch_size) for name in settings.targets}
 
-    def measure(models: dict[str, bytes], target: str) -> dict[str, Any]:
-        results = measure_latency(models, targets[target], max_seconds=settings.measure_seconds * len(models), seed=settings.seed)
+    def measure(models: dict[tuple[str, str], bytes]) -> dict[tuple[str, str], Any]:
+        """``{(arch_json, target name): model bytes}`` measured interleaved in one call."""
+        results = measure_latency(
+            models, {key: targets[key[1]] for key in models}, max_seconds=settings.measure_seconds * len(models), seed=settings.seed
+        )
         return {key: value.to_dict() for key, value in results.items()}
 
     return measure
@@ -499,26 +502,28 @@ def _default_measure(settings: SearchSettings) -> Callable[[dict[str, bytes], st
 
 def _measure_batch(
     evaluations: dict[str, Evaluation], settings: SearchSettings, fingerprints: dict[str, dict[str, Any]],
-    cache: LatencyCache, measure: Callable[[dict[str, bytes], str], dict[str, Any]],
+    cache: LatencyCache, measure: Callable[[dict[tuple[str, str], bytes]], dict[tuple[str, str], Any]],
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per arch, per target: the measurement (from the cache, else measured now, the batch interleaved)."""
-    from nas.latency import fingerprint_key, resolve_target
+    """Per arch, per target: the measurement from the cache, else measured now. Every (arch, target) pair the cache
+    lacks is measured in one interleaved call, so a batch's archs and an arch's fp32 and INT8 models are compared
+    under the same machine load."""
+    from nas.latency import builtin_targets, fingerprint_key
 
     results: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in evaluations}
+    keys = {name: fingerprint_key(fingerprints[name]) for name in settings.targets}
+    missing: dict[tuple[str, str], bytes] = {}
     for name in settings.targets:
-        key = fingerprint_key(fingerprints[name])
-        kind = resolve_target(name).model_kind
-        missing = {}
+        kind = builtin_targets()[name].model_kind
         for arch_json, evaluation in evaluations.items():
-            cached = cache.get(arch_json, name, key)
+            cached = cache.get(arch_json, name, keys[name])
             if cached is not None:
                 results[arch_json][name] = cached
             else:
-                missing[arch_json] = evaluation.models[kind]
-        if missing:
-            for arch_json, measurement in measure(missing, name).items():
-                cache.put(arch_json, name, key, measurement)
-                results[arch_json][name] = measurement
+                missing[(arch_json, name)] = evaluation.models[kind]
+    if missing:
+        for (arch_json, name), measurement in measure(missing).items():
+            cache.put(arch_json, name, keys[name], measurement)
+            results[arch_json][name] = measurement
     return results
 
 

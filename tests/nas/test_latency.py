@@ -197,6 +197,24 @@ def test_measure_latency_int8_tokens_and_batch(models: Models) -> None:
     assert fingerprint_key(results["image"].fingerprint) != fingerprint_key(results["tokens"].fingerprint)
 
 
+def test_a_target_per_model_measures_fp32_and_int8_in_one_interleaved_call(models: Models) -> None:
+    fp32, int8 = resolve_target("cpu_fp32"), resolve_target("cpu_int8")
+    blocks: list[str] = []
+    results = measure_latency(
+        {"fp32": models.digits_small, "int8": models.digits_small_int8},
+        {"fp32": fp32, "int8": int8},
+        progress=lambda key, count, seconds: blocks.append(key),
+        **FAST,
+    )
+    assert results["fp32"].fingerprint["precision"] == "fp32" and results["fp32"].fingerprint["quantization"] is None
+    assert results["int8"].fingerprint["precision"] == "int8" and results["int8"].fingerprint["quantization"]["format"] == "QDQ"
+    assert blocks[:2] in (["fp32", "int8"], ["int8", "fp32"]) and len(set(blocks)) == 2
+    with pytest.raises(LatencyError, match="no target given"):
+        measure_latency({"fp32": models.digits_small, "int8": models.digits_small_int8}, {"fp32": fp32}, **FAST)
+    with pytest.raises(LatencyError, match="INT8|int8"):
+        measure_latency({"x": models.digits_small_int8}, {"x": fp32}, **FAST)
+
+
 def test_measurement_round_trips_through_json(models: Models) -> None:
     measurement = measure_latency({"a": models.digits_small}, resolve_target("cpu_fp32"), **FAST)["a"]
     restored = Measurement.from_dict(json.loads(json.dumps(measurement.to_dict())))
