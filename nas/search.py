@@ -221,10 +221,20 @@ class LatencyCache:
             os.fsync(file.fileno())
 
 
-def journal_storage(path: Path) -> Any:
-    import optuna
+JOURNAL_LOCK_GRACE_SECONDS = 10
 
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+def journal_storage(path: Path) -> Any:
+    """Optuna's journal storage on ``path``. The path is made absolute: Optuna's symlink lock points at the path as
+    given, and a relative one dangles from inside the folder, so a lock left by a killed process would never be seen
+    as stale (the next process spins on it). A lock not released for ``JOURNAL_LOCK_GRACE_SECONDS`` (appends take
+    milliseconds) is taken to be a killed process's and broken."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    absolute = str(Path(path).resolve())
+    lock = JournalFileSymlinkLock(absolute, grace_period=JOURNAL_LOCK_GRACE_SECONDS)
+    return optuna.storages.JournalStorage(JournalFileBackend(absolute, lock_obj=lock))
 
 
 def open_study(run_dir: Path, settings: SearchSettings, *, resume: bool) -> Any:

@@ -317,3 +317,24 @@ def test_ctrl_c_mid_search_exits_130_cleanly_and_resume_finishes(trained: Path, 
     after = complete_trials(run_dir)
     assert all(after[number] == record for number, record in before.items())
     assert len({arch for arch, _ in after.values()}) == 16
+
+
+def test_a_journal_lock_left_by_a_killed_process_is_broken(tmp_path: Path) -> None:
+    script = """
+import os, sys, time
+from pathlib import Path
+import optuna
+from nas.search import journal_storage
+path = Path("run/search/study.journal")
+path.parent.mkdir(parents=True)
+optuna.create_study(study_name="first", storage=journal_storage(path))
+os.symlink(str(path.resolve()), str(path.resolve()) + ".lock")  # what a writer killed while appending leaves
+started = time.monotonic()
+optuna.create_study(study_name="second", storage=journal_storage(path))
+print(round(time.monotonic() - started, 1))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) < 60
+    names = [summary.study_name for summary in optuna.get_all_study_summaries(journal_storage(tmp_path / "run/search/study.journal"))]
+    assert names == ["first", "second"]
