@@ -6,6 +6,21 @@ import torch
 
 from nas.supernets.elastic import ElasticBatchNorm2d
 
+TINY_DIGITS_SPACE = """\
+name: tiny
+task: {dataset: digits, input_shape: [1, 8, 8], num_classes: 10}
+stem: {channels: 8, kernel_size: 3, stride: 1, activation: relu}
+stages:
+  - depth: [1, 2]
+    width: [8, 12]
+    stride: 2
+    blocks:
+      - {type: mbconv, kernel_size: [3, 5], expand_ratio: [2, 3], activation: relu, squeeze_excite: [false, true]}
+head: {channels: [32]}
+resolution: [6, 8]
+"""
+"""A one-stage MBConv space on 8x8 digits (144 subnets), without a training section: tests append their own."""
+
 
 def randomise_batch_norm(module: torch.nn.Module, seed: int = 0) -> None:
     """Give every (elastic) batch norm random running statistics and affine parameters, so that parity checks

@@ -18,6 +18,7 @@ import yaml
 from nas.cli import main
 from nas.config import ConfigError, builtin_spaces, load_config, parse_config
 from nas.supernets.space import Arch
+from tests.helpers import TINY_DIGITS_SPACE
 
 MANY_MISTAKES = """\
 name: many_mistakes
@@ -147,18 +148,7 @@ def test_validate_lists_problems_in_file_order(capsys: pytest.CaptureFixture[str
     assert paths.index("stages[0].blocks[1].type") < paths.index("stages[1].depth") < paths.index("resolution[1]") < paths.index("training.optimizer")
 
 
-VALID = """\
-name: tiny
-task: {dataset: digits, input_shape: [1, 8, 8], num_classes: 10}
-stem: {channels: 8, stride: 1}
-stages:
-  - depth: [1, 2]
-    width: [8, 12]
-    stride: 2
-    blocks:
-      - {type: mbconv, kernel_size: [3, 5], expand_ratio: [2, 3], activation: relu, squeeze_excite: [false, true]}
-resolution: [6, 8]
-"""
+VALID = TINY_DIGITS_SPACE
 
 BOMB = (
     "l0: &l0 [3, 3, 3, 3, 3, 3, 3, 3, 3]\n"
@@ -196,7 +186,7 @@ ROBUSTNESS = {
     "bool_depth": (VALID.replace("depth: [1, 2]", "depth: true"), "stages[0].depth: must be a valid integer or a list of choices, got True"),
     "bool_in_list": (VALID.replace("width: [8, 12]", "width: [8, true]"), "stages[0].width[1]: must be a valid integer, got True"),
     "null_depth": (VALID.replace("depth: [1, 2]", "depth:"), "stages[0].depth: must be a valid integer or a list of choices, got None"),
-    "null_field": (VALID.replace("activation: relu", "activation: null"), "stages[0].blocks[0].activation: must be one of"),
+    "null_field": (VALID.replace("activation: relu, squeeze_excite", "activation: null, squeeze_excite"), "stages[0].blocks[0].activation: must be one of"),
     "null_stages": (VALID.split("stages:")[0] + "stages:\nresolution: 8\n", "stages: must be a valid list, got None"),
 }
 

@@ -18,21 +18,9 @@ import yaml
 
 from nas.config import ConfigError, builtin_spaces, load_config, parse_config
 from nas.supernets.space import Arch, SearchSpace, StageArch
+from tests.helpers import TINY_DIGITS_SPACE
 
-VALID = """
-name: tiny
-task: {dataset: digits, input_shape: [1, 8, 8], num_classes: 10}
-stem: {channels: 8, kernel_size: 3, stride: 1, activation: relu}
-stages:
-  - depth: [1, 2]
-    width: [8, 12]
-    stride: 2
-    blocks:
-      - {type: mbconv, kernel_size: [3, 5], expand_ratio: [2, 3], activation: relu, squeeze_excite: [false, true]}
-head: {channels: [32]}
-resolution: [6, 8]
-training: {epochs: 2, batch_size: 64, lr: 0.01}
-"""
+VALID = TINY_DIGITS_SPACE + "training: {epochs: 2, batch_size: 64, lr: 0.01}\n"
 
 TINY_MIXED = """
 name: tiny_mixed

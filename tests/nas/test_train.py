@@ -14,21 +14,11 @@ import pytest
 
 from nas.config import parse_config
 from nas.train import RunError, train
+from tests.helpers import TINY_DIGITS_SPACE
 
-TINY_SPACE = """
-name: tiny_digits
-task: {dataset: digits, input_shape: [1, 8, 8], num_classes: 10}
-stem: {channels: 8, kernel_size: 3, stride: 1, activation: relu}
-stages:
-  - depth: [1, 2]
-    width: [8, 12]
-    stride: 2
-    blocks:
-      - {type: mbconv, kernel_size: [3, 5], expand_ratio: [2, 3], activation: relu, squeeze_excite: [false, true]}
-head: {channels: [32]}
-resolution: [6, 8]
-training: {epochs: EPOCHS, batch_size: 64, lr: 0.01, random_subnets: 1, calibration_batches: 2, seed: 3}
-"""
+TINY_SPACE = TINY_DIGITS_SPACE.replace("name: tiny", "name: tiny_digits") + (
+    "training: {epochs: EPOCHS, batch_size: 64, lr: 0.01, random_subnets: 1, calibration_batches: 2, seed: 3}\n"
+)
 
 
 def space_file(tmp_path: Path, epochs: int) -> Path:
