@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="evaluators (default 1: in process, no Ray; N > 1: N local Ray actors)")
     run.add_argument("--address", help="join an existing Ray cluster ('auto' or HOST:PORT)")
     run.add_argument("--trials", type=int, help="distinct archs to evaluate (default: the space file's search.trials)")
-    run.add_argument("--sampler", choices=("nsga2", "tpe", "random", "evolution"), help="default: search.sampler")
+    run.add_argument("--sampler", help="nsga2, tpe, random or evolution (default: search.sampler)")
     run.add_argument("--targets", help="comma-separated latency targets, e.g. cpu_fp32,cpu_int8 (default: search.targets)")
     run.add_argument("--seed", type=int, help="sampler seed (default: search.seed)")
     run.add_argument("--no-int8", action="store_true", help="skip the INT8 export of the front")

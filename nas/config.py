@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter, ValidationError
 
+from nas.latency import TARGET_NAMES
 from nas.supernets.blocks import REGISTRY, BlockChoices, ensure_registered
 from nas.supernets.layers import ACTIVATIONS
 from nas.supernets.space import HeadSpec, SearchSpace, StageSpace, StemSpec
@@ -30,7 +31,6 @@ IMAGE_DATASETS = ("digits", "image_folder", "npz", "mnist", "fashion_mnist", "ci
 SEQUENCE_DATASETS = ("mqar",)
 OPTIMIZERS = ("adamw", "sgd")
 SAMPLER_NAMES = ("nsga2", "tpe", "random", "evolution")
-TARGET_NAMES = ("cpu_fp32", "cpu_int8", "cuda_fp32", "tensorrt_fp16")
 MAX_FILE_BYTES = 1_000_000
 MAX_VALUES = 100_000
 MAX_NESTING = 32

@@ -30,7 +30,6 @@ from nas.supernets.space import Arch
 
 logger = logging.getLogger(__name__)
 
-INT8_CALIBRATION_SAMPLES = 128
 RAY_INSTALL_HINT = 'pip install -c constraints.txt "ray>=2.10"'
 
 

@@ -180,14 +180,20 @@ class LatencyTarget:
         return [self.provider, CPU_PROVIDER]
 
 
+TARGET_NAMES = ("cpu_fp32", "cpu_int8", "cuda_fp32", "tensorrt_fp16")
+"""The built-in target names (``builtin_targets``); the YAML schema validates ``search.targets`` against them."""
+
+
 def builtin_targets() -> dict[str, LatencyTarget]:
     """Every built-in target (one thread, batch 1), whether or not this machine can run it."""
-    return {
+    targets = {
         "cpu_fp32": LatencyTarget("cpu_fp32", CPU_PROVIDER, "fp32"),
         "cpu_int8": LatencyTarget("cpu_int8", CPU_PROVIDER, "int8"),
         "cuda_fp32": LatencyTarget("cuda_fp32", CUDA_PROVIDER, "fp32"),
         "tensorrt_fp16": LatencyTarget("tensorrt_fp16", TENSORRT_PROVIDER, "fp16"),
     }
+    assert tuple(targets) == TARGET_NAMES
+    return targets
 
 
 def available_targets() -> list[str]:

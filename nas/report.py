@@ -227,8 +227,8 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## How latency was measured", ""]
+    trials = distinct_trials(study)
     for name in targets:
-        trials = distinct_trials(study)
         fingerprint = trials[0].user_attrs[latency_key(name)].get("fingerprint", {}) if trials else {}
         described = ", ".join(f"{key} {_describe(value)}" for key, value in fingerprint.items() if key not in ("cpu_flags", "target", "input_shape"))
         flags = fingerprint.get("cpu_flags")

@@ -30,9 +30,11 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.config import SAMPLER_NAMES
+
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("nsga2", "tpe", "random", "evolution")
+SAMPLERS = SAMPLER_NAMES
 
 ConstraintsFunction = Callable[[FrozenTrial], Sequence[float]]
 

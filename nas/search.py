@@ -21,9 +21,12 @@ measurements are kept in ``RUN_DIR/search/latency.jsonl`` keyed on (arch, target
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nas.config import TARGET_NAMES, RunConfig, SearchModel
+from nas.config import SAMPLER_NAMES, RunConfig, SearchModel
 from nas.data import Split
 from nas.evaluator import Evaluation, Evaluator, EvaluatorFactory, EvaluatorPayload, make_pool
 from nas.supernets.space import Arch, SearchSpace, StageArch
@@ -87,9 +90,15 @@ class SearchSettings:
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**values)
+        from nas.latency import TARGET_NAMES
+
         unknown = [name for name in settings.targets if name not in TARGET_NAMES]
         if unknown:
             raise RunError(f"unknown latency target(s) {unknown}; targets are {list(TARGET_NAMES)}")
+        if settings.sampler not in SAMPLER_NAMES:
+            hint = difflib.get_close_matches(settings.sampler, SAMPLER_NAMES, n=1)
+            suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise RunError(f"unknown sampler {settings.sampler!r}; samplers are {list(SAMPLER_NAMES)}{suffix}")
         if settings.trials < 1:
             raise RunError(f"--trials must be at least 1, got {settings.trials}")
         for name, _ in settings.latency_limits:
@@ -336,6 +345,34 @@ def _recover_interrupted(study: Any) -> int:
     return count
 
 
+class _StopRequest:
+    """Defers Ctrl-C to a safe point: the first SIGINT asks the search to stop once the batch in flight has been
+    told to the study (so no journal write is cut in half); a second one stops at once. Only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stopping after the batch in flight is recorded (Ctrl-C again to stop now)")
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def run_search(
     run_dir: Path,
     settings: SearchSettings,
@@ -395,8 +432,11 @@ def run_search(
     phase_seconds = [0.0, 0.0]
     max_asks = MAX_ASKS_PER_TRIAL * target_total
     asks = 0
+    stop = _StopRequest()
     try:
+        stop.__enter__()
         while evaluated < target_total and asks < max_asks:
+            stop.check()
             batch_started = time.perf_counter()
             batch: dict[str, list[Any]] = {}
             while len(batch) < min(batch_size, target_total - evaluated) and asks < max_asks:
@@ -444,7 +484,9 @@ def run_search(
                 bar.set_postfix(_progress_summary(study, settings))
             if failed > max(5, target_total // 2) and evaluated == 0:
                 raise RunError(f"every evaluation fails; the first error: {next(iter(outcomes.values())).error}")
+        stop.check()
     finally:
+        stop.__exit__()
         if bar is not None:
             bar.close()
         pool.close()
