@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from nas.config import load_config
+from nas.space.schema import load_config
 from nas.supernets.supernet import Supernet
 
 CASES = (("digits_quick", 128), ("mqar_quick", 32), ("ofa_mbv3", 8))

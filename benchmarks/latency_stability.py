@@ -44,8 +44,8 @@ def export_models(space_name: str, folder: Path) -> dict[str, tuple[Path, Path, 
     supernet."""
     import torch
 
-    from nas.config import load_config
-    from nas.export import export_onnx, quantize_int8
+    from nas.space.schema import load_config
+    from nas.export.onnx import export_onnx, quantize_int8
     from nas.supernets.supernet import Supernet
 
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def naive_latency(path: str, threads: int, repeats: int) -> tuple[float, float]:
 
 def worker(arguments: dict) -> None:
     """One process: naive then protocol measurements of both archs on both targets; prints one JSON line."""
-    from nas.latency import measure_latency, resolve_target
+    from nas.latency.measure import measure_latency, resolve_target
 
     result: dict[str, dict] = {}
     for target_name in TARGETS:
@@ -144,7 +144,7 @@ def main() -> None:
 
     import onnxruntime
 
-    from nas.latency import device_fingerprint, resolve_target
+    from nas.latency.measure import device_fingerprint, resolve_target
 
     with tempfile.TemporaryDirectory(prefix="nasforge-latency-stability-") as scratch:
         files = export_models(args.space, Path(scratch))

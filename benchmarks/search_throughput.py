@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from nas.config import load_config
-from nas.evaluator import Evaluation, EvaluatorPayload
-from nas.search import SearchSettings, run_search
-from nas.train import train
+from nas.space.schema import load_config
+from nas.search.evaluators import Evaluation, EvaluatorPayload
+from nas.search.loop import SearchSettings, run_search
+from nas.training.loop import train
 
 
 class InstantEvaluator:

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nas.config import load_config
-from nas.train import train
+from nas.space.schema import load_config
+from nas.training.loop import train
 
 
 def rows(name: str, metrics: dict) -> list[tuple[str, str, float, float]]:

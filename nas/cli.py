@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import nas
+from nas.run_dir import RunDir
 
 logger = logging.getLogger("nas")
 
@@ -35,7 +36,7 @@ def _progress_factory():
 
 
 def _load_config(space: str):
-    from nas.config import load_config
+    from nas.space.schema import load_config
 
     return load_config(space)
 
@@ -48,7 +49,7 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_space_list(args: argparse.Namespace) -> int:
-    from nas.config import builtin_spaces
+    from nas.space.schema import builtin_spaces
 
     for name, path in sorted(builtin_spaces().items()):
         print(f"{name:20s} {path}")
@@ -79,7 +80,7 @@ def command_space_info(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from nas.train import train
+    from nas.training.loop import train
 
     config = _load_config(args.space)
     result = train(config, Path(args.out), resume=args.resume, progress=_progress_factory())
@@ -100,7 +101,7 @@ def command_export(args: argparse.Namespace) -> int:
         return _export_from_study(args)
     if not args.arch:
         raise UsageError("nas export needs --arch, --pareto or --trial N")
-    from nas.workflow import export_arch
+    from nas.export.subnet import export_arch
 
     report = export_arch(Path(args.run_dir), args.arch, int8=args.int8, out=Path(args.out) if args.out else None)
     _print_export(report)
@@ -108,8 +109,8 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def _export_from_study(args: argparse.Namespace) -> int:
-    from nas.report import export_trials, front_trials
-    from nas.search import load_study
+    from nas.report.writers import export_trials, front_trials
+    from nas.search.loop import load_study
 
     run_dir = Path(args.run_dir)
     study = load_study(run_dir)
@@ -145,9 +146,9 @@ def _print_export(report: Any) -> None:
 def command_run(args: argparse.Namespace) -> int:
     import time
 
-    from nas.report import export_trials, front_trials, op_type_comparison, write_outputs
-    from nas.search import SearchSettings, run_search
-    from nas.train import train
+    from nas.report.writers import export_trials, front_trials, op_type_comparison, write_outputs
+    from nas.search.loop import SearchSettings, run_search
+    from nas.training.loop import train
 
     config = _load_config(args.space)
     out = Path(args.out) if args.out else Path("runs") / config.space.name
@@ -157,7 +158,7 @@ def command_run(args: argparse.Namespace) -> int:
     )
     elapsed: dict[str, float] = {}
     started = time.perf_counter()
-    resume = args.resume or (out / "checkpoint").exists()
+    resume = args.resume or RunDir(out).checkpoint.exists()
     print(f"[1/3] supernet: {config.space.name} ({config.space.count():,} subnets) in {out}", file=sys.stderr)
     result = train(config, out, resume=resume, progress=_progress_factory())
     _print_metrics(result.metrics)
@@ -165,7 +166,7 @@ def command_run(args: argparse.Namespace) -> int:
     where = f"Ray cluster {args.address}" if args.address else (f"{settings.workers} local Ray workers" if settings.workers > 1 else "in process")
     print(f"[2/3] search: {settings.trials} archs, {settings.sampler}, targets {', '.join(settings.targets)}, {where}", file=sys.stderr)
     started = time.perf_counter()
-    search = run_search(out, settings, resume=args.resume or (out / "search").exists(), progress=_progress_factory())
+    search = run_search(out, settings, resume=args.resume or RunDir(out).search.exists(), progress=_progress_factory())
     elapsed["search"] = time.perf_counter() - started
     front = list(front_trials(search.study).values())
     print(f"[3/3] export: {len(front)} front member(s) to {out / 'pareto'}", file=sys.stderr)
@@ -238,13 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from nas.config import ConfigError
-    from nas.data import DataError
-    from nas.export import ExportError
-    from nas.evaluator import EvaluatorStartError
-    from nas.latency import LatencyError
+    from nas.space.schema import ConfigError
+    from nas.data.datasets import DataError
+    from nas.export.onnx import ExportError
+    from nas.search.evaluators import EvaluatorStartError
+    from nas.latency.measure import LatencyError
     from nas.supernets.space import ArchError
-    from nas.train import RunError
+    from nas.training.loop import RunError
 
     try:
         return args.handler(args)

@@ -1,6 +1,6 @@
 """Search spaces and architectures as frozen values.
 
-``SearchSpace`` is the validated space (built from YAML by ``nas.config``); ``Arch`` is one point in it: the block
+``SearchSpace`` is the validated space (built from YAML by ``nas.space.schema``); ``Arch`` is one point in it: the block
 configs of every stage plus the resolution (images) or sequence length (sequences). Everything downstream
 (supernet activation, extraction, ONNX metadata, latency tables, predictors, Optuna) consumes ``Arch``.
 """

@@ -38,7 +38,7 @@ def test_installed_wheel_finds_builtin_spaces_by_name_and_has_no_kernels_package
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel), "-q"], check=True)
     script = (
-        "import importlib.util, nas, nas.config\n"
+        "import importlib.util, nas, nas.space.schema\n"
         f"assert nas.__file__.startswith({str(target)!r}), nas.__file__\n"
         "assert importlib.util.find_spec('kernels') is None\n"
         "config = nas.config.load_config('digits_quick')\n"

@@ -12,7 +12,6 @@ A block is declared once, in its own module:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -22,6 +21,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
+
+from ..registry import Registry, did_you_mean
 
 MODALITIES = ("image", "sequence")
 
@@ -80,9 +81,7 @@ class OptionRule:
     def problem(self, value: Any) -> str | None:
         if value in self.values:
             return None
-        hint = difflib.get_close_matches(str(value), self.values, n=1)
-        suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"must be one of {list(self.values)}, got {value!r}{suffix}"
+        return f"must be one of {list(self.values)}, got {value!r}{did_you_mean(value, self.values)}"
 
     def largest(self, values: tuple[Any, ...]) -> Any:
         return values[0]
@@ -145,7 +144,9 @@ class BlockType:
         return field_rules(self.config_class)
 
 
-REGISTRY: dict[str, BlockType] = {}
+BLOCKS: Registry[BlockType] = Registry("block type", discover="nas.supernets.blocks")
+"""Every block type by its YAML name. Each module of ``nas.supernets.blocks`` is imported on first look-up, so a new
+block file registers itself with no list to edit."""
 
 
 def register_block(
@@ -158,12 +159,10 @@ def register_block(
     """
 
     def decorate(elastic_class: type[ElasticBlock]) -> type[ElasticBlock]:
-        if name in REGISTRY:
-            raise ValueError(f"block type {name!r} is registered twice")
         unknown = set(modalities) - set(MODALITIES)
         if unknown:
             raise ValueError(f"block {name!r}: unknown modalities {sorted(unknown)}")
-        REGISTRY[name] = BlockType(name, config, elastic_class, static, frozenset(modalities), reshapes)
+        BLOCKS.register(name, BlockType(name, config, elastic_class, static, frozenset(modalities), reshapes), source=elastic_class.__module__)
         elastic_class.block_type = name
         return elastic_class
 
@@ -171,24 +170,14 @@ def register_block(
 
 
 def block_type(name: str) -> BlockType:
-    """The registered block called ``name``; unknown names get a "did you mean"."""
-    from . import ensure_registered
-
-    ensure_registered()
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        hint = difflib.get_close_matches(name, REGISTRY, n=1)
-        suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise KeyError(f"unknown block type {name!r}; registered: {sorted(REGISTRY)}{suffix}") from None
+    """The registered block called ``name``; unknown names raise ``UnknownNameError`` (a ``KeyError``) with a
+    "did you mean"."""
+    return BLOCKS.get(name)
 
 
 def type_of(config: Any) -> BlockType:
     """The registered block whose config class ``config`` is an instance of."""
-    from . import ensure_registered
-
-    ensure_registered()
-    for entry in REGISTRY.values():
+    for _, entry in BLOCKS.items():
         if type(config) is entry.config_class:
             return entry
     raise TypeError(f"{type(config).__name__} is not a registered block config")
@@ -296,7 +285,7 @@ class ElasticBlock(nn.Module, ABC):
     def build_static(self, layers: Mapping[str, nn.Module]) -> nn.Module:
         """A fresh static twin of the active choice loaded (strictly) from exported ``layers``, keyed by the
         static module's submodule names; helper for ``extract``."""
-        static = REGISTRY[self.block_type].static_class(self.config, self.static_context)
+        static = BLOCKS.get(self.block_type).static_class(self.config, self.static_context)
         state = {f"{name}.{key}": value for name, layer in layers.items() for key, value in layer.state_dict().items()}
         static.load_state_dict(state, strict=True)
         return static.train(self.training)

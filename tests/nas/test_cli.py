@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from nas.cli import main
-from nas.config import ConfigError, builtin_spaces, load_config, parse_config
+from nas.space.schema import ConfigError, builtin_spaces, load_config, parse_config
 from nas.supernets.space import Arch
 from tests.helpers import TINY_DIGITS_SPACE
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from nas.config import ConfigError, builtin_spaces, load_config, parse_config
+from nas.space.schema import ConfigError, builtin_spaces, load_config, parse_config
 from nas.supernets.space import Arch, SearchSpace, StageArch
 from tests.helpers import TINY_DIGITS_SPACE
 
@@ -219,7 +219,7 @@ def billion_laughs(levels: int = 9, width: int = 10) -> str:
 
 ISOLATED = """
 import json, sys, time
-from nas.config import ConfigError, parse_config
+from nas.space.schema import ConfigError, parse_config
 for text in json.load(sys.stdin):
     start = time.monotonic()
     try:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits as sklearn_load_digits
 
-from nas.data import (
+from nas.data.datasets import (
     IGNORE_INDEX,
     DataError,
     Split,

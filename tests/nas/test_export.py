@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nas
-from nas.export import ExportError, export_onnx, export_subnet, quantizable_nodes, quantize_int8, read_metadata
-from nas.supernets.blocks import REGISTRY, BlockChoices, ensure_registered
+from nas.export.onnx import ExportError, export_onnx, export_subnet, quantizable_nodes, quantize_int8, read_metadata
+from nas.supernets.blocks import BLOCKS, BlockChoices
 from nas.supernets.space import Arch, HeadSpec, SearchSpace, StageArch, StageSpace, StemSpec
 from nas.supernets.supernet import StaticNet, Supernet
 
@@ -32,14 +32,9 @@ def single_thread() -> Iterator[None]:
 
 
 def require_blocks(*names: str) -> None:
-    """Skip (with the reason) when a block type is not registered yet."""
-    try:
-        ensure_registered()
-    except ImportError as error:
-        pytest.skip(f"a built-in block module does not import yet: {error}")
-    missing = [name for name in names if name not in REGISTRY]
-    if missing:
-        pytest.skip(f"block types not registered yet: {missing}")
+    """Every block a test uses is registered (a missing one is a failure, not a skip)."""
+    missing = [name for name in names if name not in BLOCKS]
+    assert not missing, f"block types not registered: {missing}"
 
 
 FFN_CHOICES = {"ffn": ("glu", "mlp"), "mlp_ratio": (1, 2), "activation": ("gelu", "silu")}

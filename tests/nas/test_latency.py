@@ -19,10 +19,10 @@ import onnxruntime
 import pytest
 import torch
 
-from nas import latency
-from nas.config import load_config
-from nas.export import export_onnx, quantize_int8
-from nas.latency import (
+from nas.latency import measure as latency
+from nas.space.schema import load_config
+from nas.export.onnx import export_onnx, quantize_int8
+from nas.latency.measure import (
     LatencyError,
     LatencyTarget,
     Measurement,

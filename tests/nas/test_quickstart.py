@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from nas.export import read_metadata
+from nas.export.onnx import read_metadata
 from nas.supernets.space import Arch
 
 

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.samplers import (
+from nas.search.samplers import (
     PARENTS_KEY,
     SAMPLERS,
     ConstraintRecordingSampler,
@@ -234,7 +234,7 @@ def test_evolution_samples_non_categorical_parameters_at_random(caplog: pytest.L
         learning_rate = trial.suggest_float("learning_rate", 1e-4, 1e-1, log=True)
         return float(depth), learning_rate
 
-    with caplog.at_level("WARNING", logger="nas.samplers"):
+    with caplog.at_level("WARNING", logger="nas.search.samplers"):
         study = run_study(
             RegularizedEvolutionSampler(population_size=4, seed=0), objective, ["maximize", "minimize"], 20
         )

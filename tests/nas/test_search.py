@@ -16,12 +16,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nas.config import builtin_spaces, load_config, parse_config
-from nas.evaluator import Evaluator
-from nas.search import (
-    LATENCY_FILE,
-    SEARCH_DIR,
-    STUDY_FILE,
+from nas.space.schema import builtin_spaces, load_config, parse_config
+from nas.run_dir import RunDir
+from nas.search.evaluators import Evaluator
+from nas.search.loop import (
     SearchSettings,
     arch_from_params,
     distinct_trials,
@@ -32,7 +30,7 @@ from nas.search import (
     search_distributions,
 )
 from nas.supernets.space import Arch
-from nas.train import RunError, train
+from nas.training.loop import RunError, train
 
 TINY_SPACE = """
 name: tiny_search
@@ -101,7 +99,7 @@ def test_search_evaluates_each_arch_once_and_stores_an_openable_study(trained: P
     result = run_search(run_dir, settings())
     assert result.evaluated == 8
 
-    storage = journal_storage(run_dir / SEARCH_DIR / STUDY_FILE)
+    storage = journal_storage(RunDir(run_dir).study)
     study = optuna.load_study(study_name="nasforge", storage=storage)
     assert [direction.name for direction in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     assert study.metric_names == ["accuracy", "latency_cpu_fp32_ms", "latency_cpu_int8_ms"]
@@ -121,7 +119,7 @@ def test_search_evaluates_each_arch_once_and_stores_an_openable_study(trained: P
             assert measurement["median_ms"] == value > 0
             assert measurement["p10_ms"] <= measurement["median_ms"]
             assert measurement["fingerprint"]["precision"] == name.split("_")[1]
-    lines = [json.loads(line) for line in (run_dir / SEARCH_DIR / LATENCY_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (RunDir(run_dir).latency_cache).read_text().splitlines()]
     keys = [(line["arch"], line["target"]) for line in lines]
     assert len(keys) == len(set(keys)) == 16, "every (arch, target) is measured exactly once"
 
@@ -216,7 +214,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 
 def complete_trials(run_dir: Path) -> dict[int, tuple[str, list[float]]]:
-    path = run_dir / SEARCH_DIR / STUDY_FILE
+    path = RunDir(run_dir).study
     if not path.exists():
         return {}
     try:
@@ -239,7 +237,7 @@ def test_sigkill_mid_search_then_resume_loses_and_reruns_nothing(trained: Path, 
     process.wait()
     before = complete_trials(run_dir)
     assert 4 <= len({arch for arch, _ in before.values()}) < 12, "the kill must land mid-search"
-    measured_before = (run_dir / SEARCH_DIR / LATENCY_FILE).read_text().splitlines()
+    measured_before = (RunDir(run_dir).latency_cache).read_text().splitlines()
 
     resumed = run_cli("run", "tiny.yaml", "--out", "run", "--trials", "12", "--resume", "--no-export", cwd=tmp_path)
     out, err = resumed.communicate(timeout=600)
@@ -247,10 +245,10 @@ def test_sigkill_mid_search_then_resume_loses_and_reruns_nothing(trained: Path, 
     after = complete_trials(run_dir)
     for number, record in before.items():
         assert after[number] == record, f"completed trial {number} changed or was lost"
-    study = optuna.load_study(study_name="nasforge", storage=journal_storage(run_dir / SEARCH_DIR / STUDY_FILE))
+    study = optuna.load_study(study_name="nasforge", storage=journal_storage(RunDir(run_dir).study))
     archs = [trial.user_attrs["arch"] for trial in distinct_trials(study)]
     assert len(archs) == len(set(archs)) == 12, "each arch evaluated once across both runs"
-    measured = (run_dir / SEARCH_DIR / LATENCY_FILE).read_text().splitlines()
+    measured = (RunDir(run_dir).latency_cache).read_text().splitlines()
     assert measured[: len(measured_before)] == measured_before
     keys = [(json.loads(line)["arch"], json.loads(line)["target"]) for line in measured]
     assert len(keys) == len(set(keys)), "no arch measured twice"
@@ -326,7 +324,7 @@ def test_a_journal_lock_left_by_a_killed_process_is_broken(tmp_path: Path) -> No
 import os, sys, time
 from pathlib import Path
 import optuna
-from nas.search import journal_storage
+from nas.search.loop import journal_storage
 path = Path("run/search/study.journal")
 path.parent.mkdir(parents=True)
 optuna.create_study(study_name="first", storage=journal_storage(path))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nas.config import parse_config
-from nas.train import RunError, train
+from nas.space.schema import parse_config
+from nas.training.loop import RunError, train
 from tests.helpers import TINY_DIGITS_SPACE
 
 TINY_SPACE = TINY_DIGITS_SPACE.replace("name: tiny", "name: tiny_digits") + (

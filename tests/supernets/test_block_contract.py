@@ -11,11 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from nas.supernets.blocks import REGISTRY, BlockChoices, BlockContext, BoolRule, FloatRule, IntRule, OptionRule, ensure_registered
+from nas.supernets.blocks import BLOCKS, BlockChoices, BlockContext, BoolRule, FloatRule, IntRule, OptionRule
 from nas.supernets.elastic import count_parameters
 from tests.helpers import randomise_batch_norm
 
-ensure_registered()
 
 
 def two_choices(rule) -> tuple:
@@ -34,7 +33,7 @@ def two_choices(rule) -> tuple:
 
 
 def cases():
-    for name, entry in sorted(REGISTRY.items()):
+    for name, entry in BLOCKS.items():
         for modality in sorted(entry.modalities):
             yield pytest.param(name, modality, id=f"{name}-{modality}")
 
@@ -59,7 +58,7 @@ def onnx_output(module: torch.nn.Module, x: torch.Tensor, batch: torch.Tensor) -
 
 @pytest.mark.parametrize(("name", "modality"), list(cases()))
 def test_every_block_elastic_equals_extracted_equals_onnx(name: str, modality: str) -> None:
-    entry = REGISTRY[name]
+    entry = BLOCKS.get(name)
     choices = BlockChoices.build(name, {field: two_choices(rule) for field, rule in entry.rules.items()})
     stride = 2 if entry.reshapes and modality == "image" else 1
     in_max, out_max = (12, 16) if entry.reshapes else (16, 16)
@@ -93,7 +92,7 @@ def test_every_block_elastic_equals_extracted_equals_onnx(name: str, modality: s
 
 @pytest.mark.parametrize(("name", "modality"), list(cases()))
 def test_every_block_rejects_values_outside_its_choices(name: str, modality: str) -> None:
-    entry = REGISTRY[name]
+    entry = BLOCKS.get(name)
     choices = BlockChoices.build(name, {field: two_choices(rule) for field, rule in entry.rules.items()})
     elastic = entry.elastic_class(BlockContext(modality, 16, 16, 1, causal=modality == "sequence"), choices)
     field, values = choices.fields[0]

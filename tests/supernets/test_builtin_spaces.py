@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.helpers import randomise_batch_norm
-from nas.config import builtin_spaces, load_config
-from nas.export import float32_rounding_error
+from nas.space.schema import builtin_spaces, load_config
+from nas.export.onnx import float32_rounding_error
 from nas.supernets.costs import arch_cost, example_input
 from nas.supernets.elastic import count_parameters
 from nas.supernets.space import ArchError

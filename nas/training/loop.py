@@ -27,19 +27,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import nas
-from nas.config import RunConfig, TrainingModel, parse_config
-from nas.data import TaskData, iterate_batches
-from nas.evaluate import correct_and_total, evaluate_arch, prepare_batch
+from nas.space.schema import RunConfig, TrainingModel, parse_config
+from nas.data.datasets import TaskData, iterate_batches
+from nas.run_dir import CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG_FILE, RunDir
+from nas.training.evaluation import correct_and_total, evaluate_arch, prepare_batch
 from nas.supernets.space import Arch, SearchSpace
 from nas.supernets.strategies import STRATEGIES
 from nas.supernets.supernet import Supernet
-from nas.tasks import load_task_data
+from nas.data.tasks import load_task_data
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINT = "checkpoint"
-METRICS_FILE = "metrics.json"
 
 
 class RunError(RuntimeError):
@@ -138,12 +136,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(run_dir: Path, supernet: Supernet, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Write ``checkpoint/`` atomically: a complete new folder replaces the old one by rename."""
-    target = run_dir / CHECKPOINT
-    staging = run_dir / (CHECKPOINT + ".tmp")
-    previous = run_dir / (CHECKPOINT + ".old")
+    layout = RunDir(run_dir)
+    target, staging, previous = layout.checkpoint, layout.checkpoint_staging, layout.checkpoint_previous
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_file({name: tensor.contiguous() for name, tensor in supernet.state_dict().items()}, str(staging / "weights.safetensors"))
+    save_file({name: tensor.contiguous() for name, tensor in supernet.state_dict().items()}, str(staging / CHECKPOINT_WEIGHTS))
     optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -153,9 +150,9 @@ def save_checkpoint(run_dir: Path, supernet: Supernet, optimizer: torch.optim.Op
                 tensors[f"{index}.{key}"] = value.contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    save_file(tensors, str(staging / "optimizer.safetensors"))
+    save_file(tensors, str(staging / CHECKPOINT_OPTIMIZER))
     document = {**state, "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars, "nasforge_version": nas.__version__}
-    (staging / "state.json").write_text(json.dumps(document, indent=1))
+    (staging / CHECKPOINT_STATE).write_text(json.dumps(document, indent=1))
     for file in staging.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -168,18 +165,17 @@ def save_checkpoint(run_dir: Path, supernet: Supernet, optimizer: torch.optim.Op
 
 def checkpoint_dir(run_dir: Path) -> Path | None:
     """The complete checkpoint in ``run_dir`` (the previous one if a crash interrupted the swap), or None."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        candidate = run_dir / name
-        if (candidate / "state.json").is_file():
+    for candidate in (RunDir(run_dir).checkpoint, RunDir(run_dir).checkpoint_previous):
+        if (candidate / CHECKPOINT_STATE).is_file():
             return candidate
     return None
 
 
 def load_checkpoint(folder: Path, supernet: Supernet, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    supernet.load_state_dict(load_file(str(folder / "weights.safetensors")))
-    state = json.loads((folder / "state.json").read_text())
+    supernet.load_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)))
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
     if optimizer is not None:
-        tensors = load_file(str(folder / "optimizer.safetensors"))
+        tensors = load_file(str(folder / CHECKPOINT_OPTIMIZER))
         restored: dict[int, dict[str, Any]] = {}
         for key, tensor in tensors.items():
             index, name = key.split(".", 1)
@@ -192,7 +188,7 @@ def load_checkpoint(folder: Path, supernet: Supernet, optimizer: torch.optim.Opt
 
 def load_run(run_dir: Path) -> tuple[RunConfig, Supernet, dict[str, Any]]:
     """The config and trained supernet of a run directory (for evaluation and export)."""
-    config_path = run_dir / CONFIG_FILE
+    config_path = RunDir(run_dir).config
     if not config_path.is_file():
         raise RunError(f"{run_dir} is not a nasforge run directory (no {CONFIG_FILE})")
     config = parse_config(config_path.read_text(), str(config_path))
@@ -235,7 +231,7 @@ def final_metrics(supernet: Supernet, config: RunConfig, task_data: TaskData) ->
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> int:
     """Create or check ``run_dir``; returns the number of epochs already completed (0 for a new run)."""
-    config_path = run_dir / CONFIG_FILE
+    config_path = RunDir(run_dir).config
     if config_path.exists():
         if config_path.read_text() != config.text:
             raise RunError(f"{run_dir} holds a run of a different space file; choose another --out")
@@ -244,7 +240,7 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> int:
             raise RunError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
         if folder is None:
             return 0
-        return int(json.loads((folder / "state.json").read_text())["epochs_completed"])
+        return int(json.loads((folder / CHECKPOINT_STATE).read_text())["epochs_completed"])
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(config_path, config.text)
     return 0
@@ -275,7 +271,7 @@ def train(
     if completed:
         state = load_checkpoint(checkpoint_dir(run_dir), supernet, optimizer)
         logger.info("resuming %s after epoch %d", run_dir, completed)
-    strategy = STRATEGIES[training.strategy](
+    strategy = STRATEGIES.get(training.strategy)(
         config.space, random_subnets=training.random_subnets, distill=training.distill, largest_only_epochs=training.largest_only_epochs
     )
     steps_per_epoch = max(1, len(task_data.train.targets) // training.batch_size)
@@ -313,7 +309,7 @@ def train(
             state["epochs_completed"] = epoch + 1
             state["train_seconds"] = state["train_seconds"] + time.perf_counter() - started
             save_checkpoint(run_dir, supernet, optimizer, state)
-            with open(run_dir / "log.jsonl", "a") as log:
+            with open(RunDir(run_dir).log, "a") as log:
                 log.write(json.dumps(record) + "\n")
             logger.info("epoch %d/%d loss %.4f accuracy %.4f", epoch + 1, training.epochs, record["loss"], record["train_accuracy"])
             epochs_run += 1
@@ -325,7 +321,7 @@ def train(
         metrics = final_metrics(supernet, config, task_data)
         metrics["epochs"] = training.epochs
         metrics["train_seconds"] = state["train_seconds"]
-        _atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=1))
+        _atomic_write_text(RunDir(run_dir).metrics, json.dumps(metrics, indent=1))
     return TrainResult(run_dir, metrics, completed)
 
 

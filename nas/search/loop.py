@@ -37,18 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from nas.config import SAMPLER_NAMES, RunConfig, SearchModel
-from nas.data import Split
-from nas.evaluator import Evaluation, Evaluator, EvaluatorFactory, EvaluatorPayload, make_pool
+from nas.space.schema import SAMPLER_NAMES, RunConfig, SearchModel
+from nas.data.datasets import Split
+from nas.run_dir import RunDir
+from nas.search.evaluators import Evaluation, Evaluator, EvaluatorFactory, EvaluatorPayload, make_pool
 from nas.supernets.space import Arch, SearchSpace, StageArch
-from nas.tasks import load_task_data
-from nas.train import RunError, load_run
+from nas.data.tasks import load_task_data
+from nas.training.loop import RunError, load_run
 
 logger = logging.getLogger(__name__)
 
-SEARCH_DIR = "search"
-STUDY_FILE = "study.journal"
-LATENCY_FILE = "latency.jsonl"
 STUDY_NAME = "nasforge"
 INT8_CALIBRATION_SAMPLES = 128
 MAX_ASKS_PER_TRIAL = 20
@@ -90,7 +88,7 @@ class SearchSettings:
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**values)
-        from nas.latency import TARGET_NAMES
+        from nas.latency.measure import TARGET_NAMES
 
         unknown = [name for name in settings.targets if name not in TARGET_NAMES]
         if unknown:
@@ -250,11 +248,11 @@ def open_study(run_dir: Path, settings: SearchSettings, *, resume: bool) -> Any:
     """Create (or, with ``resume``, load) the run's study; refuses to mix a different search into an existing one."""
     import optuna
 
-    from nas.samplers import make_sampler
+    from nas.search.samplers import make_sampler
 
-    folder = Path(run_dir) / SEARCH_DIR
+    folder = RunDir(run_dir).search
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / STUDY_FILE
+    path = RunDir(run_dir).study
     sampler = make_sampler(settings.sampler, seed=settings.seed, population_size=settings.population_size)
     storage = journal_storage(path)
     directions = ["maximize"] + ["minimize"] * len(settings.targets)
@@ -285,7 +283,7 @@ def _calibration_split(train: Split, batch_size: int, batches: int, seed: int) -
 
 def build_payload(config: RunConfig, supernet: torch.nn.Module, task_data: Any, settings: SearchSettings) -> EvaluatorPayload:
     training = config.training
-    from nas.latency import builtin_targets
+    from nas.latency.measure import builtin_targets
 
     int8 = any(builtin_targets()[name].model_kind == "int8" for name in settings.targets)
     return EvaluatorPayload(
@@ -398,7 +396,7 @@ def run_search(
     started = time.perf_counter()
     run_dir = Path(run_dir)
     config, supernet, _ = load_run(run_dir)
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = RunDir(run_dir).metrics
     if not metrics_path.exists():
         raise RunError(f"{run_dir}: training has not finished (no metrics.json); resume it with `nas train --resume` first")
     space = config.space
@@ -415,7 +413,7 @@ def run_search(
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         completed.setdefault(trial.user_attrs.get("arch"), trial)
     completed.pop(None, None)
-    latency_cache = LatencyCache(run_dir / SEARCH_DIR / LATENCY_FILE)
+    latency_cache = LatencyCache(RunDir(run_dir).latency_cache)
     evaluated = len(completed)
     target_total = min(settings.trials, space.count())
     if evaluated >= target_total:
@@ -532,13 +530,13 @@ def _tell_evaluation(study: Any, trial: Any, evaluation: Evaluation, latencies: 
 
 
 def _fingerprints(settings: SearchSettings) -> dict[str, dict[str, Any]]:
-    from nas.latency import device_fingerprint, resolve_target
+    from nas.latency.measure import device_fingerprint, resolve_target
 
     return {name: device_fingerprint(resolve_target(name, threads=settings.threads, batch_size=settings.batch_size)) for name in settings.targets}
 
 
 def _default_measure(settings: SearchSettings) -> Callable[[dict[tuple[str, str], bytes]], dict[tuple[str, str], Any]]:
-    from nas.latency import measure_latency, resolve_target
+    from nas.latency.measure import measure_latency, resolve_target
 
     targets = {name: resolve_target(name, threads=settings.threads, batch_size=settings.batch_size) for name in settings.targets}
 
@@ -559,7 +557,7 @@ def _measure_batch(
     """Per arch, per target: the measurement from the cache, else measured now. Every (arch, target) pair the cache
     lacks is measured in one interleaved call, so a batch's archs and an arch's fp32 and INT8 models are compared
     under the same machine load."""
-    from nas.latency import builtin_targets, fingerprint_key
+    from nas.latency.measure import builtin_targets, fingerprint_key
 
     results: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in evaluations}
     keys = {name: fingerprint_key(fingerprints[name]) for name in settings.targets}
@@ -619,7 +617,7 @@ def load_study(run_dir: Path) -> Any:
     """The study of a searched run directory."""
     import optuna
 
-    path = Path(run_dir) / SEARCH_DIR / STUDY_FILE
+    path = RunDir(run_dir).study
     if not path.exists():
         raise RunError(f"{run_dir} has no search yet ({path} is missing); run `nas run` first")
     return optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(path))

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .space import Arch, SearchSpace
+from ..registry import Registry
+from ..space import Arch, SearchSpace
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +38,5 @@ class TrainingStrategy(ABC):
         """The subnets of one step; a teacher, if any, comes first."""
 
 
-class SandwichRule(TrainingStrategy):
-    """BigNAS / slimmable sandwich rule: the largest subnet, the smallest and ``random_subnets`` random ones each
-    step; with ``distill`` the others learn from the largest's predictions (in-place distillation). During the
-    first ``largest_only_epochs`` only the largest trains, so the teacher has something to teach (tasks such as
-    associative recall learn through a sudden transition that the shared updates of many subnets delay)."""
-
-    name = "sandwich"
-
-    def subnets(self, rng: np.random.Generator, epoch: int, step: int) -> list[SubnetTask]:
-        tasks = [SubnetTask(self.space.largest(), teacher=True, distill=False)]
-        if epoch < self.largest_only_epochs:
-            return tasks
-        others = [self.space.smallest(), *(self.space.sample(rng) for _ in range(self.random_subnets))]
-        tasks += [SubnetTask(arch, teacher=False, distill=self.distill) for arch in others]
-        return tasks
-
-
-STRATEGIES: dict[str, type[TrainingStrategy]] = {strategy.name: strategy for strategy in (SandwichRule,)}
+STRATEGIES: Registry[type[TrainingStrategy]] = Registry("training strategy", discover="nas.supernets.strategies")
+"""Every training strategy by its YAML name (``training.strategy``); each module of this package registers its own."""

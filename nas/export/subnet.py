@@ -11,14 +11,15 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from nas.evaluate import accuracy, prepare_batch, recalibrate_batch_norm
-from nas.config import RunConfig
-from nas.data import TaskData
-from nas.export import ExportError, ExportResult, export_subnet
+from nas.training.evaluation import accuracy, prepare_batch, recalibrate_batch_norm
+from nas.space.schema import RunConfig
+from nas.data.datasets import TaskData
+from nas.export.onnx import ExportError, ExportResult, export_subnet
+from nas.run_dir import EXPORT_ARCH_FILE, EXPORT_SUMMARY_FILE, EXPORT_WEIGHTS_FILE, RunDir
 from nas.supernets.space import Arch, ArchError, SearchSpace
 from nas.supernets.supernet import Supernet
-from nas.tasks import load_task_data
-from nas.train import load_run
+from nas.data.tasks import load_task_data
+from nas.training.loop import load_run
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def export_loaded(context: ExportContext, arch: Arch, *, int8: bool, out: Path |
     )
     static = supernet.extract(arch).eval()
     test_accuracy = accuracy(static, arch, task_data.test)
-    out_dir = Path(out) if out else context.run_dir / "exports" / arch.short_name()
+    out_dir = Path(out) if out else RunDir(context.run_dir).exports / arch.short_name()
     calibration = prepare_batch(task_data.train.inputs[:CALIBRATION_SAMPLES], task_data.train.targets[:CALIBRATION_SAMPLES], arch)[0]
     validation = prepare_batch(task_data.val.inputs, task_data.val.targets, arch)[0]
     int8_error = None
@@ -102,8 +103,8 @@ def export_loaded(context: ExportContext, arch: Arch, *, int8: bool, out: Path |
         int8_error = str(error)
         result = ExportResult(out_dir / "model.onnx", float("nan"))
         logger.warning("%s: INT8 model left out: %s", arch.short_name(), error)
-    (out_dir / "arch.yaml").write_text(yaml.safe_dump({"space": config.space.name, "arch": arch.to_dict()}, sort_keys=False))
-    save_file({name: tensor.contiguous() for name, tensor in static.state_dict().items()}, str(out_dir / "weights.safetensors"))
+    (out_dir / EXPORT_ARCH_FILE).write_text(yaml.safe_dump({"space": config.space.name, "arch": arch.to_dict()}, sort_keys=False))
+    save_file({name: tensor.contiguous() for name, tensor in static.state_dict().items()}, str(out_dir / EXPORT_WEIGHTS_FILE))
     summary: dict[str, Any] = {
         "arch": arch.to_dict(),
         "test_accuracy_pytorch": test_accuracy,
@@ -113,5 +114,5 @@ def export_loaded(context: ExportContext, arch: Arch, *, int8: bool, out: Path |
         "int8_top1_agreement": result.int8_top1_agreement,
         "int8_error": int8_error,
     }
-    (out_dir / "export.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / EXPORT_SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return ExportReport(out_dir, result, test_accuracy, int8_error)

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.search import SEARCH_DIR, STUDY_FILE, distinct_trials, feasible, hypervolume, latency_key, pareto_front
+from nas.run_dir import RunDir
+from nas.search.loop import distinct_trials, feasible, hypervolume, latency_key, pareto_front
 from nas.supernets.space import Arch
-from nas.workflow import ExportReport, export_loaded, load_export_context
+from nas.export.subnet import ExportReport, export_loaded, load_export_context
 
 logger = logging.getLogger(__name__)
 
-PARETO_DIR = "pareto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +43,9 @@ def front_trials(study: Any) -> dict[int, Any]:
 def export_trials(run_dir: Path, trials: list[Any], *, int8: bool, out_root: Path | None = None, progress: Any = None) -> dict[int, FrontExport]:
     """Export each trial's arch to ``out_root/<trial>_<arch>/`` (default ``RUN_DIR/pareto``); the run is loaded
     once. A failed INT8 agreement check leaves that member fp32-only, with the reason recorded."""
-    from nas.export import ExportError
+    from nas.export.onnx import ExportError
 
-    root = Path(out_root) if out_root else Path(run_dir) / PARETO_DIR
+    root = Path(out_root) if out_root else RunDir(run_dir).pareto
     context = load_export_context(run_dir)
     results: dict[int, FrontExport] = {}
     bar = progress(len(trials), "export", 0) if progress else None
@@ -116,7 +116,7 @@ def pareto_summary(study: Any, exports: dict[int, FrontExport], run_dir: Path) -
     settings = study.user_attrs["settings"]
     targets = list(settings["targets"])
     trials = distinct_trials(study)
-    summary: dict[str, Any] = {"study": f"{SEARCH_DIR}/{STUDY_FILE}", "settings": settings, "constraints": study.user_attrs.get("constraints", []),
+    summary: dict[str, Any] = {"study": RunDir(run_dir).relative(RunDir(run_dir).study), "settings": settings, "constraints": study.user_attrs.get("constraints", []),
                                "distinct_trials": len(trials), "fronts": {}}
     for index, name in enumerate(targets, start=1):
         front = pareto_front(study, name)
@@ -161,7 +161,7 @@ def plot_fronts(study: Any, path: Path) -> None:
 
 def op_type_comparison(members: list[FrontExport]) -> list[Any]:
     """fp32 vs INT8 time per op kind, summed over the exported front members that have both models (CPU)."""
-    from nas.latency import compare_op_types, op_type_profile, resolve_target
+    from nas.latency.measure import compare_op_types, op_type_profile, resolve_target
 
     fp32_total: dict[str, float] = {}
     int8_total: dict[str, float] = {}
@@ -187,7 +187,7 @@ def _describe(value: Any) -> str:
 
 
 def _has_vnni() -> bool:
-    from nas.export import cpu_has_vnni
+    from nas.export.onnx import cpu_has_vnni
 
     return cpu_has_vnni()
 
@@ -277,13 +277,13 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
 def write_outputs(run_dir: Path, study: Any, exports: dict[int, FrontExport], *, space_name: str, op_types: list[Any], elapsed: dict[str, float]) -> dict[str, Any]:
     """Write trials.csv, pareto.json, pareto.png and report.md into ``run_dir``; returns the pareto summary."""
     run_dir = Path(run_dir)
-    write_trials_csv(study, run_dir / "trials.csv")
+    write_trials_csv(study, RunDir(run_dir).trials_csv)
     summary = pareto_summary(study, exports, run_dir)
     if op_types:
         summary["int8_vs_fp32_op_types"] = [{"kind": row.kind, "fp32_us": row.fp32_us, "int8_us": row.int8_us, "speedup": row.speedup} for row in op_types]
-    (run_dir / "pareto.json").write_text(json.dumps(summary, indent=1))
-    plot_fronts(study, run_dir / "pareto.png")
-    write_report(study, summary, run_dir / "report.md", op_types=op_types, space_name=space_name, elapsed=elapsed)
+    RunDir(run_dir).pareto_json.write_text(json.dumps(summary, indent=1))
+    plot_fronts(study, RunDir(run_dir).pareto_plot)
+    write_report(study, summary, RunDir(run_dir).report, op_types=op_types, space_name=space_name, elapsed=elapsed)
     return summary
 
 

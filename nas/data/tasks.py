@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nas import data
-from nas.config import TaskModel
+from nas.data import datasets as data
+from nas.space.schema import TaskModel
 from nas.supernets.space import SearchSpace
 
 

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter, ValidationError
 
-from nas.latency import TARGET_NAMES
-from nas.supernets.blocks import REGISTRY, BlockChoices, ensure_registered
+from nas.latency.measure import TARGET_NAMES
+from nas.supernets.blocks import BLOCKS, BlockChoices
 from nas.supernets.layers import ACTIVATIONS
 from nas.supernets.space import HeadSpec, SearchSpace, StageSpace, StemSpec
 from nas.supernets.strategies import STRATEGIES
@@ -430,7 +430,6 @@ def _modality(data: dict[str, Any]) -> str | None:
 
 def _check_blocks(data: dict[str, Any]) -> list[Problem]:
     """Block entries: known type, allowed for the modality, every field present with valid, distinct choices."""
-    ensure_registered()
     problems: list[Problem] = []
     stages = data.get("stages")
     if not isinstance(stages, list):
@@ -446,12 +445,12 @@ def _check_blocks(data: dict[str, Any]) -> list[Problem]:
                 problems.append(Problem(where, f"must be a mapping with a 'type' and its fields, got {_short(block)}"))
                 continue
             type_name = block.get("type")
-            if not isinstance(type_name, str) or type_name not in REGISTRY:
-                suffix = _did_you_mean(type_name, REGISTRY) if isinstance(type_name, str) else ""
-                message = "is required" if "type" not in block else f"must be one of {sorted(REGISTRY)}, got {_short(type_name)}{suffix}"
+            if not isinstance(type_name, str) or type_name not in BLOCKS:
+                suffix = _did_you_mean(type_name, BLOCKS.names()) if isinstance(type_name, str) else ""
+                message = "is required" if "type" not in block else f"must be one of {list(BLOCKS.names())}, got {_short(type_name)}{suffix}"
                 problems.append(Problem(f"{where}.type", message))
                 continue
-            entry = REGISTRY[type_name]
+            entry = BLOCKS.get(type_name)
             if type_name in seen_types:
                 problems.append(Problem(f"{where}.type", f"{type_name!r} is listed twice in this stage; merge its choices"))
             seen_types.add(type_name)
@@ -520,7 +519,7 @@ def _check_semantics(data: dict[str, Any]) -> list[Problem]:
         if name is not _INVALID and name not in ACTIVATIONS:
             problems.append(Problem(f"{section}.activation", f"must be one of {sorted(ACTIVATIONS)}, got {name!r}{_did_you_mean(name, ACTIVATIONS)}"))
     training = _section(data, "training")
-    for key, allowed in (("strategy", tuple(STRATEGIES)), ("optimizer", OPTIMIZERS)):
+    for key, allowed in (("strategy", STRATEGIES.names()), ("optimizer", OPTIMIZERS)):
         value = _field(TrainingModel, training, key)
         if value is not _INVALID and value not in allowed:
             problems.append(Problem(f"training.{key}", f"must be one of {list(allowed)}, got {value!r}{_did_you_mean(value, allowed)}"))

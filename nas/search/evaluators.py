@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from nas.data import Split
-from nas.evaluate import accuracy, prepare_batch, recalibrate_batch_norm
+from nas.data.datasets import Split
+from nas.training.evaluation import accuracy, prepare_batch, recalibrate_batch_norm
 from nas.supernets.costs import arch_cost
 from nas.supernets.space import Arch
 
@@ -93,7 +93,7 @@ class Evaluator:
     """Evaluates archs of one trained supernet (built once; one thread)."""
 
     def __init__(self, payload: EvaluatorPayload, threads: int = 1) -> None:
-        from nas.config import parse_config
+        from nas.space.schema import parse_config
         from nas.supernets.supernet import Supernet
 
         torch.set_num_threads(threads)
@@ -108,7 +108,7 @@ class Evaluator:
     def evaluate(self, arch_json: str) -> Evaluation:
         """Recalibrate BN for the arch, measure validation accuracy, extract it and write its ONNX files (fp32
         checked against PyTorch; INT8 static QDQ when needed)."""
-        from nas.export import export_onnx, quantize_int8
+        from nas.export.onnx import export_onnx, quantize_int8
 
         started = time.perf_counter()
         arch = Arch.from_json(arch_json)

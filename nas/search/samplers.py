@@ -30,7 +30,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.config import SAMPLER_NAMES
+from nas.space.schema import SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nas.data import Split, iterate_batches
+from nas.data.datasets import Split, iterate_batches
 from nas.supernets.space import Arch
 from nas.supernets.supernet import Supernet, resize_input
 

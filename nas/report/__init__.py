@@ -1,0 +1,1 @@
+"""Run outputs: trials.csv, pareto.json, pareto.png and report.md."""
