@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gzip
 import pickle
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -12,23 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits as sklearn_load_digits
 
-from nas.data.datasets import (
-    IGNORE_INDEX,
-    DataError,
-    Split,
-    TaskData,
-    _decode_png,
-    _decode_pnm,
-    _read_image_file,
-    iterate_batches,
-    load_digits,
-    load_image_folder,
-    load_npz,
-    load_torchvision_on_disk,
-    make_mqar,
-)
+from nas.data.builtin import load_digits, make_mqar
+from nas.data.files import load_image_folder, load_npz, read_image_file
+from nas.data.on_disk import load_torchvision_on_disk
+from nas.data.splits import IGNORE_INDEX, DataError, Split, TaskData, iterate_batches
 
 
 def encode_png(pixels: np.ndarray, colour_type: int, filters: tuple[int, ...] = (0, 1, 2, 3, 4)) -> bytes:
@@ -117,9 +108,7 @@ class TestDigits:
         recovered = np.rint((everything - low) / (high - low) * 16).astype(np.int64)
         assert np.allclose((everything - low) / (high - low) * 16, recovered, atol=1e-3)
         bunch = sklearn_load_digits()
-        expected = collections.Counter(
-            (row.astype(np.int64).tobytes(), int(label)) for row, label in zip(bunch.data, bunch.target, strict=True)
-        )
+        expected = collections.Counter((row.astype(np.int64).tobytes(), int(label)) for row, label in zip(bunch.data, bunch.target, strict=True))
         got = collections.Counter((row.tobytes(), int(label)) for row, label in zip(recovered, labels, strict=True))
         assert got == expected
 
@@ -133,9 +122,7 @@ class TestDigits:
     def test_bilinear_resize_of_the_raw_images(self) -> None:
         task = load_digits(resolution=8, seed=0)
         upsampled = load_digits(resolution=24, seed=0)
-        expected = torch.nn.functional.interpolate(
-            task.train.inputs, size=(24, 24), mode="bilinear", align_corners=False
-        )
+        expected = torch.nn.functional.interpolate(task.train.inputs, size=(24, 24), mode="bilinear", align_corners=False)
         # Normalisation is affine per channel, so resizing commutes with it up to the (train) rescaling.
         scale = upsampled.train.inputs.std(correction=0) / expected.std(correction=0)
         shift = upsampled.train.inputs.mean() - expected.mean() * scale
@@ -235,53 +222,105 @@ class TestMQAR:
         assert "vocab_size must be at least" in str(caught.value)
 
 
-class TestDecoders:
+class TestImageFiles:
+    """``read_image_file``: PNG and PBM/PGM/PPM through Pillow, ``.npy`` through NumPy; float32 ``[H, W, 1 or 3]``."""
+
     @pytest.mark.parametrize(("colour_type", "channels"), [(0, 1), (2, 3), (4, 2), (6, 4)])
     @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-    def test_png_round_trip_all_filters(self, colour_type: int, channels: int, dtype: type) -> None:
+    def test_png_round_trip_all_filters(self, tmp_path: Path, colour_type: int, channels: int, dtype: type) -> None:
         rng = np.random.default_rng(colour_type)
         maximum = np.iinfo(dtype).max
         pixels = rng.integers(0, maximum + 1, size=(11, 7, channels), dtype=np.int64).astype(dtype)
         pixels[3] = pixels[2]
-        decoded = _decode_png(encode_png(pixels, colour_type), "test.png")
-        assert decoded.shape == (11, 7, channels) and decoded.dtype == np.float32
-        assert np.array_equal(np.rint(decoded * maximum).astype(np.int64), pixels.astype(np.int64))
+        file = tmp_path / "test.png"
+        file.write_bytes(encode_png(pixels, colour_type))
+        decoded = read_image_file(file)
+        colour = pixels[:, :, :3] if channels >= 3 else pixels[:, :, :1]
+        assert decoded.dtype == np.float32
+        if dtype == np.uint8 or channels == 1:
+            assert decoded.shape == colour.shape
+            assert np.array_equal(np.rint(decoded * maximum).astype(np.int64), colour.astype(np.int64))
+        else:
+            eight_bit = (colour >> 8).astype(np.int64)
+            if channels == 2:
+                eight_bit = np.repeat(eight_bit, 3, axis=2)
+            assert decoded.shape == eight_bit.shape
+            assert np.array_equal(np.rint(decoded * 255).astype(np.int64), eight_bit)
 
-    def test_png_rejects_what_it_cannot_read(self) -> None:
-        good = encode_png(np.zeros((2, 2, 3), dtype=np.uint8), 2)
-        with pytest.raises(DataError, match="bad.png: not a PNG"):
-            _decode_png(b"GIF89a" + good[6:], "bad.png")
-        with pytest.raises(DataError, match="CRC mismatch"):
-            _decode_png(good[:40] + bytes([good[40] ^ 0xFF]) + good[41:], "bad.png")
-        with pytest.raises(DataError, match="truncated"):
-            _decode_png(good[:-20], "bad.png")
-        palette = bytearray(good)
-        palette[8 + 8 + 9] = 3
-        crc = zlib.crc32(bytes(palette[12:29]))
-        palette[29:33] = struct.pack(">I", crc)
-        with pytest.raises(DataError, match="palette"):
-            _decode_png(bytes(palette), "bad.png")
+    def test_files_written_by_pillow_round_trip(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(0)
+        grey = rng.integers(0, 256, size=(5, 6), dtype=np.uint8)
+        colour = rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+        rgba = rng.integers(0, 256, size=(5, 6, 4), dtype=np.uint8)
+        grey16 = rng.integers(0, 65536, size=(5, 6), dtype=np.uint16)
+        Image.fromarray(grey).save(tmp_path / "grey.png")
+        Image.fromarray(grey).save(tmp_path / "grey.pgm")
+        Image.fromarray(grey).save(tmp_path / "grey.pnm")
+        Image.fromarray(colour).save(tmp_path / "colour.png")
+        Image.fromarray(colour).save(tmp_path / "colour.ppm")
+        Image.fromarray(rgba).save(tmp_path / "rgba.png")
+        Image.fromarray(grey16).save(tmp_path / "grey16.png")
+        palette = Image.fromarray(colour).quantize(colors=4)
+        palette.save(tmp_path / "palette.png")
+        assert Image.open(tmp_path / "grey16.png").mode == "I;16" and Image.open(tmp_path / "palette.png").mode == "P"
+        expected = {
+            "grey.png": grey[:, :, None] / 255,
+            "grey.pgm": grey[:, :, None] / 255,
+            "grey.pnm": grey[:, :, None] / 255,
+            "colour.png": colour / 255,
+            "colour.ppm": colour / 255,
+            "rgba.png": rgba[:, :, :3] / 255,
+            "grey16.png": grey16[:, :, None] / 65535,
+            "palette.png": np.asarray(palette.convert("RGB")) / 255,
+        }
+        for name, want in expected.items():
+            decoded = read_image_file(tmp_path / name)
+            assert decoded.dtype == np.float32 and decoded.shape == want.shape, name
+            assert np.allclose(decoded, want, atol=1e-6), name
+            assert 0.0 <= decoded.min() and decoded.max() <= 1.0, name
 
-    def test_pnm_grey_and_colour(self) -> None:
+    def test_pgm_and_ppm_with_any_maxval(self, tmp_path: Path) -> None:
         grey = np.arange(12, dtype=np.uint8).reshape(3, 4, 1) * 20
         colour = (np.arange(24).reshape(2, 4, 3) * 1000).astype(np.uint16)
-        decoded_grey = _decode_pnm(encode_pnm(grey), "a.pgm")
-        decoded_colour = _decode_pnm(encode_pnm(colour, maxval=30000), "b.ppm")
-        assert np.allclose(decoded_grey, grey / 255.0)
-        assert np.allclose(decoded_colour, colour / 30000.0)
-        with pytest.raises(DataError, match="plain-text or bitmap"):
-            _decode_pnm(b"P2\n2 2\n255\n0 0 0 0\n", "c.pgm")
-        with pytest.raises(DataError, match="truncated"):
-            _decode_pnm(encode_pnm(grey)[:-3], "d.pgm")
+        grey16 = (np.arange(12).reshape(3, 4, 1) * 2000).astype(np.uint16)
+        (tmp_path / "a.pgm").write_bytes(encode_pnm(grey))
+        (tmp_path / "b.ppm").write_bytes(encode_pnm(colour, maxval=30000))
+        (tmp_path / "c.pgm").write_bytes(encode_pnm(grey16, maxval=30000))
+        (tmp_path / "d.pgm").write_bytes(encode_pnm(grey // 3, maxval=100))
+        (tmp_path / "plain.pgm").write_bytes(b"P2\n2 2\n255\n0 10 20 255\n")
+        assert np.allclose(read_image_file(tmp_path / "a.pgm"), grey / 255.0)
+        assert np.allclose(read_image_file(tmp_path / "b.ppm"), colour / 30000.0, atol=1 / 255)
+        assert np.allclose(read_image_file(tmp_path / "c.pgm"), grey16 / 30000.0, atol=1 / 65535)
+        assert np.allclose(read_image_file(tmp_path / "d.pgm"), (grey // 3) / 100.0, atol=0.5 / 255 + 1e-6)
+        assert np.allclose(read_image_file(tmp_path / "plain.pgm")[:, :, 0], np.array([[0, 10], [20, 255]]) / 255)
+
+    def test_corrupt_or_mismatched_files_name_the_file(self, tmp_path: Path) -> None:
+        good = encode_png(np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8), 2)
+        flipped = bytearray(good)
+        flipped[50] ^= 0xFF
+        cases = {
+            "gif.png": (b"GIF89a" + good[6:], "gif.png: not a readable PNG file"),
+            "checksum.png": (bytes(flipped), "checksum.png: cannot read as a PNG image"),
+            "short.png": (good[:-20], "short.png: cannot read as a PNG image"),
+            "shorter.png": (good[:-30], "shorter.png: cannot read as a PNG image"),
+            "empty.png": (b"", "empty.png: not a readable PNG file"),
+            "short.pgm": (encode_pnm(np.zeros((3, 4, 1), dtype=np.uint8))[:-3], "short.pgm: cannot read as a PBM/PGM/PPM"),
+            "png_inside.ppm": (good, "png_inside.ppm: not a readable PBM/PGM/PPM file"),
+            "photo.jpg": (b"\xff\xd8", "photo.jpg: unsupported image file ending '.jpg'"),
+        }
+        for name, (data, message) in cases.items():
+            (tmp_path / name).write_bytes(data)
+            with pytest.raises(DataError, match=re.escape(message)):
+                read_image_file(tmp_path / name)
 
     def test_npy_image_files(self, tmp_path: Path) -> None:
         np.save(tmp_path / "grey.npy", np.full((4, 5), 51, dtype=np.uint8))
         np.save(tmp_path / "rgba.npy", np.full((4, 5, 4), 0.25, dtype=np.float64))
         np.save(tmp_path / "bad.npy", np.zeros((4, 5), dtype=np.int32))
-        assert np.allclose(_read_image_file(tmp_path / "grey.npy"), np.full((4, 5, 1), 0.2))
-        assert _read_image_file(tmp_path / "rgba.npy").shape == (4, 5, 3)
+        assert np.allclose(read_image_file(tmp_path / "grey.npy"), np.full((4, 5, 1), 0.2))
+        assert read_image_file(tmp_path / "rgba.npy").shape == (4, 5, 3)
         with pytest.raises(DataError, match="bad.npy: image dtype must be uint8"):
-            _read_image_file(tmp_path / "bad.npy")
+            read_image_file(tmp_path / "bad.npy")
 
 
 def make_image_folder(root: Path) -> dict[str, int]:
@@ -361,7 +400,7 @@ class TestImageFolder:
         make_image_folder(tmp_path / "fruit")
         broken = tmp_path / "fruit" / "apple" / "broken.png"
         broken.write_bytes(encode_png(np.zeros((4, 4, 3), dtype=np.uint8), 2)[:-30])
-        with pytest.raises(DataError, match="broken.png: truncated"):
+        with pytest.raises(DataError, match="broken.png: cannot read as a PNG image, the file is truncated or corrupt"):
             load_image_folder(tmp_path / "fruit", resolution=8)
         broken.unlink()
         (tmp_path / "fruit" / "apple" / "broken.npy").write_bytes(b"not numpy")
