@@ -44,8 +44,8 @@ def export_models(space_name: str, folder: Path) -> dict[str, tuple[Path, Path, 
     supernet."""
     import torch
 
-    from nas.space.schema import load_config
     from nas.export.onnx import export_onnx, quantize_int8
+    from nas.space.schema import load_config
     from nas.supernets.supernet import Supernet
 
     torch.manual_seed(0)
@@ -95,7 +95,8 @@ def naive_latency(path: str, threads: int, repeats: int) -> tuple[float, float]:
 
 def worker(arguments: dict) -> None:
     """One process: naive then protocol measurements of both archs on both targets; prints one JSON line."""
-    from nas.latency.measure import measure_latency, resolve_target
+    from nas.latency.protocol import measure_latency
+    from nas.latency.targets import resolve_target
 
     result: dict[str, dict] = {}
     for target_name in TARGETS:
@@ -106,9 +107,7 @@ def worker(arguments: dict) -> None:
             result[target_name][f"naive_{label}_cv"] = cv
     for target_name in TARGETS:
         target = resolve_target(target_name, threads=arguments["threads"])
-        measurements = measure_latency(
-            arguments[target_name], target, min_seconds=arguments["min_seconds"], max_seconds=arguments["max_seconds"]
-        )
+        measurements = measure_latency(arguments[target_name], target, min_seconds=arguments["min_seconds"], max_seconds=arguments["max_seconds"])
         for label, measurement in measurements.items():
             result[target_name].update(
                 {
@@ -144,7 +143,8 @@ def main() -> None:
 
     import onnxruntime
 
-    from nas.latency.measure import device_fingerprint, resolve_target
+    from nas.latency.fingerprint import device_fingerprint
+    from nas.latency.targets import resolve_target
 
     with tempfile.TemporaryDirectory(prefix="nasforge-latency-stability-") as scratch:
         files = export_models(args.space, Path(scratch))
@@ -187,15 +187,15 @@ def main() -> None:
     naive = f"naive ({args.naive_repeats} runs, no warm-up, mean)"
     for target_name in TARGETS:
         rows = (
-            (f"largest, {naive}, ms", [run[target_name]["naive_largest_ms"] for run in runs],
-             [run[target_name]["naive_largest_cv"] for run in runs]),
-            ("largest, measure_latency median, ms", [run[target_name]["median_largest_ms"] for run in runs],
-             [run[target_name]["cv_largest"] for run in runs]),
+            (f"largest, {naive}, ms", [run[target_name]["naive_largest_ms"] for run in runs], [run[target_name]["naive_largest_cv"] for run in runs]),
+            ("largest, measure_latency median, ms", [run[target_name]["median_largest_ms"] for run in runs], [run[target_name]["cv_largest"] for run in runs]),
             ("largest, measure_latency p10, ms", [run[target_name]["p10_largest_ms"] for run in runs], None),
-            (f"largest / smallest, {naive}",
-             [run[target_name]["naive_largest_ms"] / run[target_name]["naive_smallest_ms"] for run in runs], None),
-            ("largest / smallest, measure_latency median (interleaved)",
-             [run[target_name]["median_largest_ms"] / run[target_name]["median_smallest_ms"] for run in runs], None),
+            (f"largest / smallest, {naive}", [run[target_name]["naive_largest_ms"] / run[target_name]["naive_smallest_ms"] for run in runs], None),
+            (
+                "largest / smallest, measure_latency median (interleaved)",
+                [run[target_name]["median_largest_ms"] / run[target_name]["median_smallest_ms"] for run in runs],
+                None,
+            ),
         )
         for label, values, within in rows:
             within_text = "" if within is None else f"{100 * float(np.mean(within)):.1f}%"

@@ -19,26 +19,33 @@ import onnxruntime
 import pytest
 import torch
 
-from nas.latency import measure as latency
-from nas.space.schema import load_config
 from nas.export.onnx import export_onnx, quantize_int8
-from nas.latency.measure import (
+from nas.latency import (
+    INFERENCE_CPU_FLAGS,
+    TARGETS,
     LatencyError,
     LatencyTarget,
     Measurement,
+    OpTypeComparison,
     available_targets,
-    builtin_targets,
     compare_op_types,
     device_fingerprint,
+    fingerprint_differences,
     fingerprint_key,
     float_op_kind,
     is_stable,
     measure_latency,
     op_type_profile,
+    protocol,
+    register_target,
     resolve_target,
     robust_cv,
 )
+from nas.report.writers import write_report
+from nas.space.schema import ConfigError, load_config, parse_config
+from nas.supernets.registry import DuplicateNameError
 from nas.supernets.supernet import Supernet
+from tests.helpers import TINY_DIGITS_SPACE
 
 FAST = {"warmup": 2, "block": 5, "min_repeats": 10, "min_seconds": 0.0, "max_seconds": 1.0}
 
@@ -88,8 +95,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 
 
 def test_builtin_targets_and_model_kind() -> None:
-    targets = builtin_targets()
-    assert set(targets) == {"cpu_fp32", "cpu_int8", "cuda_fp32", "tensorrt_fp16"}
+    targets = dict(TARGETS.items())
+    assert {"cpu_fp32", "cpu_int8", "cuda_fp32", "tensorrt_fp16"} <= set(targets)
+    assert all(name == target.name for name, target in targets.items())
     assert targets["cpu_int8"].model_kind == "int8"
     assert targets["cpu_fp32"].model_kind == "fp32"
     assert targets["tensorrt_fp16"].model_kind == "fp32"
@@ -124,13 +132,22 @@ def test_fingerprint_fields_and_key() -> None:
     target = resolve_target("cpu_fp32")
     fingerprint = device_fingerprint(target, input_shape=(1, 1, 16, 16), input_dtype="float32")
     for field in (
-        "cpu_model", "cpu_flags", "logical_cores", "gpu", "onnxruntime_version", "provider", "precision",
-        "threads", "batch_size", "input_shape", "input_dtype",
+        "cpu_model",
+        "cpu_flags",
+        "logical_cores",
+        "gpu",
+        "onnxruntime_version",
+        "provider",
+        "precision",
+        "threads",
+        "batch_size",
+        "input_shape",
+        "input_dtype",
     ):
         assert field in fingerprint, field
     assert fingerprint["onnxruntime_version"] == onnxruntime.__version__
     assert fingerprint["cpu_model"]
-    assert set(fingerprint["cpu_flags"]) <= set(latency.INFERENCE_CPU_FLAGS)
+    assert set(fingerprint["cpu_flags"]) <= set(INFERENCE_CPU_FLAGS)
     assert fingerprint["logical_cores"] >= 1
     assert (fingerprint["provider"], fingerprint["precision"], fingerprint["threads"]) == ("CPUExecutionProvider", "fp32", 1)
     assert fingerprint["input_shape"] == [1, 1, 16, 16]
@@ -279,6 +296,136 @@ def test_candidates_are_interleaved_in_rotating_blocks(models: Models) -> None:
     assert all(measurement.samples == 24 for measurement in results.values())
 
 
+def test_fingerprint_differences_name_each_field_that_the_key_hashes() -> None:
+    fingerprint = device_fingerprint(resolve_target("cpu_fp32"), input_shape=(1, 1, 16, 16), input_dtype="float32")
+    assert fingerprint_differences(fingerprint, dict(fingerprint)) == {}
+    renamed = {**fingerprint, "target": "my_cpu", "cpu_flags": list(reversed(fingerprint["cpu_flags"]))}
+    assert fingerprint_differences(fingerprint, renamed) == {}, "the target's name and the flags' order are not keyed"
+    other = {**fingerprint, "cpu_model": "Other CPU", "threads": 4, "precision": "int8"}
+    differences = fingerprint_differences(fingerprint, other)
+    assert differences == {
+        "cpu_model": (fingerprint["cpu_model"], "Other CPU"),
+        "threads": (1, 4),
+        "precision": ("fp32", "int8"),
+    }
+    assert (fingerprint_key(fingerprint) == fingerprint_key(other)) == (not differences)
+    gpu = {**fingerprint, "provider": "CUDAExecutionProvider", "gpu": "GPU A"}
+    assert set(fingerprint_differences(gpu, {**gpu, "gpu": "GPU B"})) == {"gpu"}
+    assert fingerprint_differences(fingerprint, {**fingerprint, "gpu": "GPU B"}) == {}, "CPU figures ignore the GPU"
+    with pytest.raises(LatencyError, match="lacks the field"):
+        fingerprint_differences(fingerprint, {"cpu_model": "x"})
+
+
+def test_a_plugin_registers_its_own_target_and_uses_it_like_a_built_in_one() -> None:
+    from nas.search.settings import SearchSettings
+
+    name = "cpu_fp32_two_threads"
+    register_target(LatencyTarget(name, "CPUExecutionProvider", "fp32", threads=2), description="a user's target")
+    try:
+        assert TARGETS.entry(name).source == __name__
+        assert TARGETS.metadata(name)["description"] == "a user's target"
+        with pytest.raises(DuplicateNameError, match="already registered"):
+            register_target(LatencyTarget(name, "CPUExecutionProvider", "fp32"))
+        with pytest.raises(DuplicateNameError, match=r"'cpu_fp32' is already registered \(by nas.latency.targets\)"):
+            register_target(LatencyTarget("cpu_fp32", "CPUExecutionProvider", "fp32", threads=8))
+        assert name in available_targets()
+        assert resolve_target(name).threads == 2
+        assert resolve_target(name, threads=3, batch_size=2) == LatencyTarget(name, "CPUExecutionProvider", "fp32", 3, 2)
+        text = TINY_DIGITS_SPACE + f"search: {{targets: [{name}, cpu_int8], constraints: {{latency_ms: {{{name}: 5.0}}}}}}\n"
+        config = parse_config(text)
+        assert config.search.targets == [name, "cpu_int8"]
+        assert SearchSettings.from_config(config.search).targets == (name, "cpu_int8")
+    finally:
+        TARGETS.unregister(name)
+    with pytest.raises(ConfigError, match=f"search.targets\\[0\\]: must be one of .*, got '{name}'"):
+        parse_config(text)
+
+
+def test_a_target_registered_by_a_plugin_named_in_the_space_file(tmp_path: Path) -> None:
+    name = "cpu_int8_four_threads"
+    (tmp_path / "my_target.py").write_text(
+        f"from nas.latency import CPU_PROVIDER, LatencyTarget, register_target\n\nregister_target(LatencyTarget({name!r}, CPU_PROVIDER, 'int8', threads=4))\n"
+    )
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("plugins: [my_target.py]\n" + TINY_DIGITS_SPACE + f"search: {{targets: [cpu_fp32, {name}]}}\n")
+    try:
+        config = load_config(str(space_file))
+        assert config.search.targets == ["cpu_fp32", name]
+        assert resolve_target(name) == LatencyTarget(name, "CPUExecutionProvider", "int8", threads=4)
+        assert TARGETS.entry(name).source != "nas.latency.targets"
+    finally:
+        TARGETS.unregister(name)
+
+
+def test_the_schema_checks_targets_against_the_registry() -> None:
+    text = TINY_DIGITS_SPACE + "search: {targets: [cpu_fp32, cpu_fp33], constraints: {latency_ms: {cpu_in8: 1.0}}}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    names = list(TARGETS.names())
+    assert {str(problem) for problem in caught.value.problems} == {
+        f"search.targets[1]: must be one of {names}, got 'cpu_fp33'; did you mean 'cpu_fp32'?",
+        f"search.constraints.latency_ms.cpu_in8: must be one of {names}, got 'cpu_in8'; did you mean 'cpu_int8'?",
+    }
+
+
+def _study_with_cpu_flags(flags: list[str] | None) -> Any:
+    """An in-memory study of one trial whose fp32 and INT8 measurements carry a fingerprint with ``flags``."""
+    import optuna
+
+    from nas.search.settings import latency_key
+
+    measurements = {}
+    for name, precision in (("cpu_fp32", "fp32"), ("cpu_int8", "int8")):
+        fingerprint: dict[str, Any] = {
+            "cpu_model": "Measured CPU",
+            "provider": "CPUExecutionProvider",
+            "precision": precision,
+            "threads": 1,
+            "batch_size": 1,
+            "onnxruntime_version": onnxruntime.__version__,
+            "target": name,
+        }
+        if flags is not None:
+            fingerprint["cpu_flags"] = flags
+        measurements[latency_key(name)] = {"median_ms": 1.0, "p10_ms": 0.9, "p90_ms": 1.2, "cv": 0.05, "fingerprint": fingerprint}
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 1.0, 0.8], user_attrs=measurements))
+    return study
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine_has_vnni", "expected"),
+    [
+        (["avx2", "avx512f", "avx512_vnni"], False, "Measured CPU has 8-bit dot-product instructions (avx512_vnni)"),
+        (["avx2", "fma"], True, "Measured CPU has no 8-bit dot-product instructions (VNNI / AMX)"),
+        (None, True, "its fingerprint records no CPU flags"),
+    ],
+)
+def test_report_states_the_int8_instructions_of_the_measured_cpu_not_of_this_machine(
+    flags: list[str] | None, machine_has_vnni: bool, expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from nas.export import onnx as export_onnx_module
+    from nas.latency import fingerprint as fingerprint_module
+
+    here = ["avx2", "avx512_vnni", "amx_int8"] if machine_has_vnni else ["avx2"]
+    monkeypatch.setattr(export_onnx_module, "cpu_has_vnni", lambda: machine_has_vnni)
+    monkeypatch.setattr(fingerprint_module, "cpu_description", lambda: ("This machine's CPU", tuple(here)))
+    targets = ["cpu_fp32", "cpu_int8"]
+    summary = {
+        "settings": {"targets": targets, "sampler": "random", "seed": 0, "batch_size": 1},
+        "study": "search/study.journal",
+        "constraints": [],
+        "distinct_trials": 1,
+        "fronts": {name: {"hypervolume": 0.0, "hypervolume_reference": {"latency_ms": 1.1}, "members": []} for name in targets},
+    }
+    op_types = [OpTypeComparison("Conv (dense)", 10.0, 5.0, 2.0), OpTypeComparison("Quantize/Dequantize", 0.0, 1.0, 0.0)]
+    path = tmp_path / "report.md"
+    write_report(_study_with_cpu_flags(flags), summary, path, op_types=op_types, space_name="tiny", elapsed={})
+    report = path.read_text()
+    assert expected in report
+    assert "This machine's CPU" not in report
+
+
 class FakeInput:
     name = "input"
     shape: ClassVar[list[Any]] = ["batch", 1, 4, 4]
@@ -312,8 +459,8 @@ class FakeSession:
 
 def test_run_order_warmup_then_rewarm_and_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     log: list[str] = []
-    monkeypatch.setattr(latency, "is_stable", lambda samples, *, min_repeats, rel_tolerance: len(samples) >= min_repeats)
-    monkeypatch.setattr(latency, "_create_session", lambda model, target, options, what: FakeSession(model.decode(), log))
+    monkeypatch.setattr(protocol, "is_stable", lambda samples, *, min_repeats, rel_tolerance: len(samples) >= min_repeats)
+    monkeypatch.setattr(protocol, "create_session", lambda model, target, options, what: FakeSession(model.decode(), log))
     results = measure_latency(
         {"A": b"A", "B": b"B"},
         resolve_target("cpu_fp32", batch_size=2),
