@@ -8,13 +8,21 @@ configs of every stage plus the resolution (images) or sequence length (sequence
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .blocks import BlockChoices, block_type, type_of
+
+if TYPE_CHECKING:
+    from .walk import SpaceWalk
+
+
+DIGEST_LENGTH = 6
+"""Hex digits of the arch digest in ``Arch.short_name`` (16.7 million values)."""
 
 
 class ArchError(ValueError):
@@ -64,10 +72,6 @@ class StageSpace:
             if choices.type == type_name:
                 return choices
         raise KeyError(type_name)
-
-    def block_count(self) -> int:
-        """Number of distinct block configs at one position."""
-        return sum(choices.count() for choices in self.blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +141,16 @@ class Arch:
         except json.JSONDecodeError as error:
             raise ArchError(f"arch is not valid JSON: {error}") from None
 
+    def digest(self) -> str:
+        """A short stable digest of the arch JSON (the same in every process and on every machine)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:DIGEST_LENGTH]
+
     def short_name(self) -> str:
-        """A compact label for logs and file names (never parsed back)."""
-        parts = []
-        for stage in self.stages:
-            depth = len(stage.blocks)
-            parts.append(f"w{stage.width}d{depth}")
+        """A compact label for logs and file names (never parsed back): input size, per stage width and depth,
+        then ``digest()``, so that archs differing only in block fields get different names."""
+        parts = [f"w{stage.width}d{len(stage.blocks)}" for stage in self.stages]
         size = f"r{self.resolution}" if self.resolution else f"l{self.sequence_length}"
-        return "_".join([size, *parts])
+        return "_".join([size, *parts, self.digest()])
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,67 +172,30 @@ class SearchSpace:
     def input_sizes(self) -> tuple[int, ...]:
         return self.resolutions if self.modality == "image" else self.sequence_lengths
 
-    def _arch(self, stages: list[StageArch], size: int) -> Arch:
-        if self.modality == "image":
-            return Arch(tuple(stages), resolution=size)
-        return Arch(tuple(stages), sequence_length=size)
+    def walk(self) -> SpaceWalk:
+        """The space's one walk over its decision variables (cached); everything below derives from it."""
+        from .walk import space_walk
 
-    def _extreme(self, largest: bool, block_type: str | None) -> Arch:
-        pick = max if largest else min
-        stages = []
-        for stage in self.stages:
-            choices = stage.choices_for(block_type) if block_type in {c.type for c in stage.blocks} else stage.blocks[0]
-            config = choices.largest() if largest else choices.smallest()
-            stages.append(StageArch(pick(stage.widths), (config,) * pick(stage.depths)))
-        return self._arch(stages, pick(self.input_sizes))
+        return space_walk(self)
 
     def largest(self, block_type: str | None = None) -> Arch:
         """Max depth, max width, every block at its largest choice, largest input. Blocks are of ``block_type``
         where a stage allows it, else of the stage's first-listed type."""
-        return self._extreme(True, block_type)
+        return self.walk().extreme(True, block_type)
 
     def smallest(self, block_type: str | None = None) -> Arch:
         """Like ``largest`` with every choice at its smallest."""
-        return self._extreme(False, block_type)
+        return self.walk().extreme(False, block_type)
 
     def sample(self, rng: np.random.Generator) -> Arch:
-        """A uniformly random arch of this space, per choice (depth, width, block type, each field, input size)."""
-        stages = []
-        for stage in self.stages:
-            depth = stage.depths[rng.integers(len(stage.depths))]
-            width = stage.widths[rng.integers(len(stage.widths))]
-            blocks = tuple(stage.blocks[rng.integers(len(stage.blocks))].sample(rng) for _ in range(depth))
-            stages.append(StageArch(width, blocks))
-        sizes = self.input_sizes
-        return self._arch(stages, sizes[rng.integers(len(sizes))])
+        """A uniformly random arch of this space, per choice (per stage depth, width, then per position the block
+        type and its fields; then the input size)."""
+        return self.walk().sample(rng)
 
     def count(self) -> int:
         """Exact number of distinct subnets (a Python int, however large)."""
-        total = len(self.input_sizes)
-        for stage in self.stages:
-            per_block = stage.block_count()
-            total *= len(stage.widths) * sum(per_block**depth for depth in stage.depths)
-        return total
+        return self.walk().count()
 
     def check(self, arch: Arch) -> None:
         """Raise ``ArchError`` naming the first place where ``arch`` leaves this space."""
-        if len(arch.stages) != len(self.stages):
-            raise ArchError(f"arch has {len(arch.stages)} stages, the space {self.name!r} has {len(self.stages)}")
-        size_name, size = ("resolution", arch.resolution) if self.modality == "image" else ("sequence_length", arch.sequence_length)
-        if size not in self.input_sizes:
-            raise ArchError(f"{size_name} must be one of {list(self.input_sizes)}, got {size}")
-        for index, (stage, stage_arch) in enumerate(zip(self.stages, arch.stages)):
-            where = f"stages[{index}]"
-            if stage_arch.width not in stage.widths:
-                raise ArchError(f"{where}.width must be one of {list(stage.widths)}, got {stage_arch.width}")
-            if len(stage_arch.blocks) not in stage.depths:
-                raise ArchError(f"{where}.depth must be one of {list(stage.depths)}, got {len(stage_arch.blocks)}")
-            for position, config in enumerate(stage_arch.blocks):
-                try:
-                    name = type_of(config).name
-                    stage.choices_for(name).check(config)
-                except KeyError:
-                    allowed = [choices.type for choices in stage.blocks]
-                    raise ArchError(f"{where}.blocks[{position}].type must be one of {allowed}") from None
-                except (TypeError, ValueError) as error:
-                    raise ArchError(f"{where}.blocks[{position}]: {error}") from None
+        self.walk().check(arch)

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 import torch
 
-from nas.data.datasets import Split
-from nas.training.evaluation import accuracy, prepare_batch, recalibrate_batch_norm
+from nas.data.splits import Split
 from nas.supernets.costs import arch_cost
 from nas.supernets.space import Arch
+from nas.training.evaluation import accuracy, prepare_batch, recalibrate_batch_norm
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class EvaluatorPayload:
 
     Attributes:
         config_text: the run's YAML (the space is rebuilt from it).
+        base_dir: the folder the space file came from (its ``plugins:`` are imported relative to it).
         state: the supernet's ``state_dict``.
         calibration: training samples for BN recalibration (``calibration_batches * batch_size`` of them, in the
             order the calibration batches take them).
@@ -59,6 +60,7 @@ class EvaluatorPayload:
     calibration_batches: int
     int8: bool
     seed: int = 0
+    base_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +96,13 @@ class Evaluator:
 
     def __init__(self, payload: EvaluatorPayload, threads: int = 1) -> None:
         from nas.space.schema import parse_config
-        from nas.supernets.supernet import Supernet
+        from nas.training.checkpoint import build_supernet
 
         torch.set_num_threads(threads)
-        config = parse_config(payload.config_text, "<run config>")
+        config = parse_config(payload.config_text, "<run config>", base_dir=Path(payload.base_dir) if payload.base_dir else None)
         self.space = config.space
         self.payload = payload
-        self.supernet = Supernet(self.space)
+        self.supernet = build_supernet(config)
         self.supernet.load_state_dict(payload.state)
         self.supernet.eval()
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
@@ -115,8 +117,12 @@ class Evaluator:
         self.space.check(arch)
         payload = self.payload
         recalibrate_batch_norm(
-            self.supernet, arch, payload.calibration, batch_size=payload.batch_size,
-            num_batches=payload.calibration_batches, seed=payload.seed,
+            self.supernet,
+            arch,
+            payload.calibration,
+            batch_size=payload.batch_size,
+            num_batches=payload.calibration_batches,
+            seed=payload.seed,
         )
         value = accuracy(self.supernet, arch, payload.validation)
         static = self.supernet.extract(arch).eval()

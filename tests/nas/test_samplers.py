@@ -1,9 +1,12 @@
-"""The search samplers: one contract over every sampler (same seed, same proposals; constraints recorded and honoured),
-then the regularized evolution's own promises (children differ from parents, beats random, avoids infeasibility)."""
+"""The search samplers: one contract over every registered sampler (same seed, same proposals, on a flat and on a
+conditional space; constraints honoured), the registry, then the regularized evolution's own promises (children differ
+from parents, beats random, avoids infeasibility, walks a conditional space)."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,13 +15,27 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.search.samplers import (
-    PARENTS_KEY,
-    SAMPLERS,
-    ConstraintRecordingSampler,
-    RegularizedEvolutionSampler,
-    make_sampler,
-)
+from nas.search.encoding import arch_from_params, suggest_arch
+from nas.search.evolution import RegularizedEvolutionSampler
+from nas.search.samplers import SAMPLERS, SamplerOptions, make_sampler
+from nas.space.schema import parse_config
+from nas.supernets.registry import DuplicateNameError
+
+CONDITIONAL_SPACE = parse_config(
+    """
+name: conditional
+task: {dataset: mqar, input_shape: [32], num_classes: 16, vocab_size: 16, num_kv_pairs: 2, num_train: 64, num_val: 16, num_test: 16}
+stem: {channels: 16, kernel_size: 1}
+stages:
+  - depth: [1, 2, 3]
+    width: [16, 24]
+    blocks:
+      - {type: gated_attention, num_heads: [1, 2], head_dim: [8, 16], ffn: glu, mlp_ratio: [1, 2], activation: gelu}
+      - {type: gla, num_heads: [1, 2], key_dim: [8, 16], value_dim: 16, ffn: glu, mlp_ratio: [1, 2], activation: gelu}
+sequence_length: [16, 32]
+"""
+).space
+"""Two block types per position and a depth choice: a conditional parameter space."""
 
 MIXED_CHOICES: dict[str, tuple[Any, ...]] = {
     "kernel_size": (3, 5, 7),
@@ -37,18 +54,36 @@ INTEGER_PARAMETERS = tuple(f"choice_{index}" for index in range(10))
 
 def mixed_objective(trial: optuna.Trial) -> tuple[float, float, float]:
     """Accuracy-like, latency-like and memory-like figures computed from the choices' indices only."""
-    index = {
-        name: choices.index(trial.suggest_categorical(name, list(choices))) for name, choices in MIXED_CHOICES.items()
-    }
+    index = {name: choices.index(trial.suggest_categorical(name, list(choices))) for name, choices in MIXED_CHOICES.items()}
     accuracy = sum(index.values()) + 0.5 * index["activation"]
     latency = index["depth"] * (index["width"] + 1) + index["resolution"] + 2 * index["attention"]
     memory = index["expand_ratio"] + index["kernel_size"] * index["squeeze_excite"]
     return float(accuracy), float(latency), float(memory)
 
 
-def mixed_constraints(trial: FrozenTrial) -> list[float]:
+def mixed_constraints(trial: FrozenTrial | optuna.Trial) -> list[float]:
     """Feasible only with depth <= 2 and resolution <= 128: about a quarter of the space."""
     return [float(trial.params["depth"] - 2), float(trial.params["resolution"] - 128)]
+
+
+def constrained(objective: Callable[[optuna.Trial], Sequence[float]], constraints: Callable[[Any], list[float]]) -> Callable[[optuna.Trial], Sequence[float]]:
+    """``objective`` that records ``constraints`` with ``Trial.set_constraint`` (how the search records them)."""
+
+    def run(trial: optuna.Trial) -> Sequence[float]:
+        values = objective(trial)
+        for index, value in enumerate(constraints(trial)):
+            trial.set_constraint(f"c{index}", value)
+        return values
+
+    return run
+
+
+def conditional_objective(trial: optuna.Trial) -> tuple[float, float]:
+    """Suggests an arch of ``CONDITIONAL_SPACE`` (define-by-run); a capacity-like and a size-like figure."""
+    arch = suggest_arch(trial, CONDITIONAL_SPACE)
+    blocks = arch.stages[0].blocks
+    capacity = sum(getattr(config, "num_heads", 1) * getattr(config, "mlp_ratio", 1) for config in blocks) + (type(blocks[0]).__name__ == "GLAConfig")
+    return float(capacity), float(arch.stages[0].width * len(blocks) + arch.sequence_length)
 
 
 def integer_objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -58,7 +93,7 @@ def integer_objective(trial: optuna.Trial) -> tuple[float, float]:
     return float(sum(values)), float((values[0] - 4) ** 2 + (values[1] - 5) ** 2)
 
 
-def integer_constraints(trial: FrozenTrial) -> list[float]:
+def integer_constraints(trial: FrozenTrial | optuna.Trial) -> list[float]:
     """Infeasible when the first three integers sum above 13.5: half of the space."""
     return [sum(trial.params[name] for name in INTEGER_PARAMETERS[:3]) - 13.5]
 
@@ -82,7 +117,7 @@ def violation(trial: FrozenTrial) -> float:
     return sum(value for value in trial.constraints.values() if value > 0)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", SAMPLERS.names())
 def test_same_seed_same_proposals_and_different_seeds_differ(name: str) -> None:
     def sampled(seed: int) -> list[dict[str, Any]]:
         sampler = make_sampler(name, seed=seed, population_size=8)
@@ -97,17 +132,31 @@ def test_same_seed_same_proposals_and_different_seeds_differ(name: str) -> None:
             assert value in MIXED_CHOICES[parameter]
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_constraints_are_recorded_and_best_trials_are_feasible(name: str) -> None:
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_walks_a_conditional_space_reproducibly(name: str) -> None:
+    def sampled(seed: int) -> list[dict[str, Any]]:
+        sampler = make_sampler(name, seed=seed, population_size=6, walk=CONDITIONAL_SPACE.walk())
+        return proposals(run_study(sampler, conditional_objective, ["maximize", "minimize"], 30))
+
+    first = sampled(0)
+    assert first == sampled(0)
+    assert first != sampled(1)
+    walk = CONDITIONAL_SPACE.walk()
+    for params in first:
+        assert walk.params(arch_from_params(CONDITIONAL_SPACE, params)) == params, "only the arch's active decisions"
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_constraints_set_on_trials_keep_best_trials_feasible(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sampler = make_sampler(name, seed=0, constraints_func=mixed_constraints, population_size=8)
-    study = run_study(sampler, mixed_objective, THREE_DIRECTIONS, 30)
+        sampler = make_sampler(name, seed=0, population_size=8)
+    study = run_study(sampler, constrained(mixed_objective, mixed_constraints), THREE_DIRECTIONS, 30)
 
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 30
     for trial in complete:
-        assert trial.system_attrs["constraints"] == tuple(mixed_constraints(trial))
+        assert list(trial.constraints.values()) == mixed_constraints(trial)
     feasible = [trial for trial in complete if violation(trial) == 0]
     assert feasible, "the toy problem should have feasible trials"
     assert len(feasible) < len(complete), "the toy problem should have infeasible trials"
@@ -126,11 +175,39 @@ def test_constraints_are_recorded_and_best_trials_are_feasible(name: str) -> Non
     assert {trial.number for trial in best} == expected
 
 
-def test_random_without_constraints_is_a_plain_random_sampler() -> None:
+def test_registered_factories_make_the_documented_samplers() -> None:
     assert isinstance(make_sampler("random", seed=0), optuna.samplers.RandomSampler)
-    wrapped = make_sampler("random", seed=0, constraints_func=mixed_constraints)
-    assert isinstance(wrapped, ConstraintRecordingSampler)
-    assert isinstance(wrapped.sampler, optuna.samplers.RandomSampler)
+    assert isinstance(make_sampler("nsga2", seed=0), optuna.samplers.NSGAIISampler)
+    assert isinstance(make_sampler("tpe", seed=0), optuna.samplers.TPESampler)
+    evolution = make_sampler("evolution", seed=0, population_size=12)
+    assert isinstance(evolution, RegularizedEvolutionSampler) and evolution.population_size == 12
+    assert all(SAMPLERS.metadata(name)["description"] for name in SAMPLERS.names())
+
+
+def test_a_plugin_sampler_registers_once_and_is_made_by_name() -> None:
+    made: list[SamplerOptions] = []
+
+    def factory(options: SamplerOptions) -> optuna.samplers.BaseSampler:
+        made.append(options)
+        return optuna.samplers.RandomSampler(seed=options.seed)
+
+    SAMPLERS.register("test_plugin_sampler", factory, description="a test's own sampler")
+    try:
+        with pytest.raises(DuplicateNameError, match="sampler 'test_plugin_sampler' is already registered"):
+            SAMPLERS.register("test_plugin_sampler", factory)
+        assert isinstance(make_sampler("test_plugin_sampler", seed=4, population_size=3), optuna.samplers.RandomSampler)
+        assert made == [SamplerOptions(seed=4, population_size=3)]
+    finally:
+        SAMPLERS.unregister("test_plugin_sampler")
+
+
+def test_listing_sampler_names_does_not_import_optuna() -> None:
+    script = (
+        "import sys\nfrom nas.search.samplers import SAMPLERS\nfrom nas.space.schema import load_config\n"
+        "load_config('digits_quick')\nprint(list(SAMPLERS.names()), 'optuna' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split("]")[-1].strip() == "False", result.stdout
 
 
 @pytest.mark.parametrize(
@@ -141,9 +218,9 @@ def test_unknown_sampler_name_gets_a_did_you_mean(name: str, hint: str) -> None:
     with pytest.raises(ValueError, match="sampler must be one of") as error:
         make_sampler(name, seed=0)
     message = str(error.value)
-    assert f"did you mean {hint}?" in message
-    assert repr(name) in message
-    assert all(repr(allowed) in message for allowed in SAMPLERS)
+    assert message.endswith(f"; did you mean {hint}?")
+    assert f"got {name!r}" in message
+    assert all(repr(allowed) in message for allowed in SAMPLERS.names())
 
 
 def test_unknown_sampler_name_without_close_match() -> None:
@@ -187,12 +264,12 @@ def test_evolution_children_differ_from_parents_and_stay_in_choices() -> None:
     study = run_study(sampler, mixed_objective, THREE_DIRECTIONS, 80)
     trials = study.trials
 
-    assert all(PARENTS_KEY not in trial.system_attrs for trial in trials[:population_size])
+    assert all(sampler.parents(trial.number) is None for trial in trials[:population_size])
     children = trials[population_size:]
-    assert all(PARENTS_KEY in trial.system_attrs for trial in children)
+    assert all(sampler.parents(trial.number) is not None for trial in children)
     crossed = 0
     for child in children:
-        parents = child.system_attrs[PARENTS_KEY]
+        parents = sampler.parents(child.number)
         assert 1 <= len(parents) <= 2
         crossed += len(parents) == 2
         for parent in parents:
@@ -209,21 +286,15 @@ def test_evolution_population_ages() -> None:
     sampler = RegularizedEvolutionSampler(population_size=population_size, seed=1, crossover_probability=1.0)
     study = run_study(sampler, mixed_objective, THREE_DIRECTIONS, 60)
     for child in study.trials[population_size:]:
-        for parent in child.system_attrs[PARENTS_KEY]:
+        for parent in sampler.parents(child.number):
             assert child.number - population_size <= parent < child.number
 
 
 def test_evolution_proposals_are_a_function_of_seed_and_history() -> None:
-    original = run_study(
-        RegularizedEvolutionSampler(population_size=8, seed=3), mixed_objective, THREE_DIRECTIONS, 40
-    )
-    replayed = optuna.create_study(
-        directions=THREE_DIRECTIONS, sampler=RegularizedEvolutionSampler(population_size=8, seed=3)
-    )
+    original = run_study(RegularizedEvolutionSampler(population_size=8, seed=3), mixed_objective, THREE_DIRECTIONS, 40)
+    replayed = optuna.create_study(directions=THREE_DIRECTIONS, sampler=RegularizedEvolutionSampler(population_size=8, seed=3))
     for trial in original.trials[:30]:
-        replayed.add_trial(
-            optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, values=trial.values)
-        )
+        replayed.add_trial(optuna.trial.create_trial(params=trial.params, distributions=trial.distributions, values=trial.values))
     replayed.optimize(mixed_objective, n_trials=10)
     assert proposals(replayed)[30:] == proposals(original)[30:]
 
@@ -234,10 +305,8 @@ def test_evolution_samples_non_categorical_parameters_at_random(caplog: pytest.L
         learning_rate = trial.suggest_float("learning_rate", 1e-4, 1e-1, log=True)
         return float(depth), learning_rate
 
-    with caplog.at_level("WARNING", logger="nas.search.samplers"):
-        study = run_study(
-            RegularizedEvolutionSampler(population_size=4, seed=0), objective, ["maximize", "minimize"], 20
-        )
+    with caplog.at_level("WARNING", logger="nas.search.evolution"):
+        study = run_study(RegularizedEvolutionSampler(population_size=4, seed=0), objective, ["maximize", "minimize"], 20)
     assert all(1e-4 <= trial.params["learning_rate"] <= 1e-1 for trial in study.trials)
     assert len({trial.params["learning_rate"] for trial in study.trials}) == 20
     assert sum("'learning_rate'" in record.getMessage() for record in caplog.records) == 1
@@ -247,9 +316,7 @@ def test_evolution_beats_random_search() -> None:
     trials = 150
 
     def best_sum(name: str, seed: int) -> float:
-        study = run_study(
-            make_sampler(name, seed=seed, population_size=16), integer_objective, ["maximize", "minimize"], trials
-        )
+        study = run_study(make_sampler(name, seed=seed, population_size=16), integer_objective, ["maximize", "minimize"], trials)
         return max(trial.values[0] for trial in study.trials)
 
     seeds = range(5)
@@ -263,10 +330,8 @@ def test_evolution_stops_sampling_infeasible_regions() -> None:
     population_size = 16
     startup_infeasible, startup_total, children_infeasible, children_total = 0, 0, 0, 0
     for seed in range(3):
-        sampler = make_sampler(
-            "evolution", seed=seed, constraints_func=integer_constraints, population_size=population_size
-        )
-        study = run_study(sampler, integer_objective, ["maximize", "minimize"], 100)
+        sampler = make_sampler("evolution", seed=seed, population_size=population_size)
+        study = run_study(sampler, constrained(integer_objective, integer_constraints), ["maximize", "minimize"], 100)
         infeasible = [violation(trial) > 0 for trial in study.trials]
         startup_infeasible += sum(infeasible[:population_size])
         startup_total += population_size
@@ -277,29 +342,6 @@ def test_evolution_stops_sampling_infeasible_regions() -> None:
     assert startup_fraction > 0.3
     assert children_fraction < startup_fraction / 2, (startup_fraction, children_fraction)
     assert all(violation(trial) == 0 for trial in study.best_trials)
-
-
-def test_evolution_without_constraints_func_reads_set_constraint() -> None:
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
-        values = integer_objective(trial)
-        trial.set_constraint("first_three", integer_constraints(trial)[0])
-        return values
-
-    sampler = RegularizedEvolutionSampler(population_size=16, seed=0)
-    study = run_study(sampler, objective, ["maximize", "minimize"], 100)
-    infeasible = [violation(trial) > 0 for trial in study.trials]
-    assert sum(infeasible[16:]) / len(infeasible[16:]) < sum(infeasible[:16]) / 16 / 2
-
-
-def test_constraint_recording_sampler_delegates() -> None:
-    inner = optuna.samplers.RandomSampler(seed=5)
-    wrapped = ConstraintRecordingSampler(optuna.samplers.RandomSampler(seed=5), mixed_constraints)
-    plain = run_study(inner, mixed_objective, THREE_DIRECTIONS, 10)
-    recorded = run_study(wrapped, mixed_objective, THREE_DIRECTIONS, 10)
-    assert proposals(plain) == proposals(recorded)
-    assert all("constraints" not in trial.system_attrs for trial in plain.trials)
-    assert all("constraints" in trial.system_attrs for trial in recorded.trials)
-    assert str(wrapped) == "ConstraintRecordingSampler(RandomSampler)"
 
 
 @pytest.mark.parametrize("crossover_probability", [0.0, 1.0])
@@ -314,6 +356,24 @@ def test_evolution_keeps_choice_types_in_a_tiny_space(crossover_probability: flo
     assert all(type(trial.params["squeeze_excite"]) is bool for trial in study.trials)
     assert all(type(trial.params["depth"]) is int for trial in study.trials)
     for child in study.trials[2:]:
-        parents = child.system_attrs[PARENTS_KEY]
+        parents = sampler.parents(child.number)
         assert len(parents) == (2 if crossover_probability else 1)
         assert child.params != study.trials[parents[0]].params
+
+
+@pytest.mark.parametrize("with_walk", [True, False])
+def test_evolution_children_of_a_conditional_space_differ_from_their_parents(with_walk: bool) -> None:
+    """With the space's walk, a child differs from its parents as an arch; without it the sampler treats the
+    population's parameters as a flat space and still proposes only what the objective asks for."""
+    walk = CONDITIONAL_SPACE.walk()
+    sampler = RegularizedEvolutionSampler(population_size=6, seed=0, walk=walk if with_walk else None)
+    study = run_study(sampler, conditional_objective, ["maximize", "minimize"], 60)
+    trials = study.trials
+    archs = [arch_from_params(CONDITIONAL_SPACE, trial.params) for trial in trials]
+    depths = {len(arch.stages[0].blocks) for arch in archs[6:]}
+    types = {type(config).__name__ for arch in archs[6:] for config in arch.stages[0].blocks}
+    assert len(depths) > 1 and len(types) == 2, "children explore depths and block types"
+    if with_walk:
+        for child in trials[6:]:
+            for parent in sampler.parents(child.number):
+                assert archs[child.number] != archs[parent]

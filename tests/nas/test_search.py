@@ -16,19 +16,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nas.space.schema import builtin_spaces, load_config, parse_config
 from nas.run_dir import RunDir
+from nas.search.encoding import arch_from_params, param_distributions, params_from_arch, suggest_arch
 from nas.search.evaluators import Evaluator
-from nas.search.loop import (
-    SearchSettings,
-    arch_from_params,
-    distinct_trials,
-    journal_storage,
-    pareto_front,
-    params_from_arch,
-    run_search,
-    search_distributions,
-)
+from nas.search.front import hypervolume, pareto_front
+from nas.search.loop import run_search
+from nas.search.settings import SearchSettings
+from nas.search.study import distinct_trials, journal_storage
+from nas.space.schema import builtin_spaces, load_config, parse_config
 from nas.supernets.space import Arch
 from nas.training.loop import RunError, train
 
@@ -77,21 +72,107 @@ def settings(**overrides) -> SearchSettings:
 @pytest.mark.parametrize("name", sorted(builtin_spaces()))
 def test_params_round_trip_every_builtin_space(name: str) -> None:
     space = load_config(name).space
-    distributions = search_distributions(space)
+    distributions = param_distributions(space)
     rng = np.random.default_rng(0)
     for arch in [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(20))]:
         params = params_from_arch(space, arch)
-        assert set(params) == set(distributions)
+        assert set(params) <= set(distributions)
         assert all(params[key] in distributions[key].choices for key in params)
         assert arch_from_params(space, params) == arch
 
 
+def test_a_trial_has_only_the_fields_of_the_block_type_it_chose() -> None:
+    space = load_config("mqar_quick").space
+    assert {choices.type for choices in space.stages[0].blocks} == {"gated_attention", "gla"}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_types, seen_depths = set(), set()
+    for _ in range(40):
+        trial = study.ask()
+        arch = suggest_arch(trial, space)
+        study.tell(trial, [0.0, 0.0])
+        depth = trial.params["s0.depth"]
+        seen_depths.add(depth)
+        for position in range(max(space.stages[0].depths)):
+            keys = {key for key in trial.params if key.startswith(f"s0.b{position}.")}
+            if position >= depth:
+                assert not keys, f"position {position} is past depth {depth}: {keys}"
+                continue
+            chosen = trial.params[f"s0.b{position}.type"]
+            seen_types.add(chosen)
+            assert all(key.split(".")[2] in ("type", chosen) for key in keys), keys
+            assert f"s0.b{position}.{chosen}.num_heads" in keys
+        assert arch_from_params(space, trial.params) == arch
+        assert params_from_arch(space, arch) == trial.params
+    assert seen_types == {"gated_attention", "gla"} and seen_depths == {1, 2}
+    distributions = {name: distribution for trial in study.trials for name, distribution in trial.distributions.items()}
+    assert distributions == param_distributions(space), "the trials' distributions are the space's, parameter by parameter"
+
+
 def test_distributions_cover_every_choice_of_the_space() -> None:
     space = parse_config(TINY_SPACE).space
-    distributions = search_distributions(space)
+    distributions = param_distributions(space)
     # size, 2 x (depth, width), stage 0: 2 positions x (kernel, expand), stage 1: 2 positions x (kernel, expand, SE)
     assert len(distributions) == 1 + 4 + 4 + 6
     assert distributions["s1.b1.mbconv.squeeze_excite"].choices == (False, True)
+
+
+def test_front_and_hypervolume_of_a_known_set() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("settings", {"targets": ["cpu_fp32"]})
+    points = [(0.5, 2.0), (0.9, 5.0), (0.4, 3.0), (0.9, 6.0), (0.5, 2.0), (0.95, 9.0)]
+    for index, values in enumerate(points):
+        trial = study.ask()
+        trial.set_user_attr("arch", str(index))
+        trial.set_constraint("params", 1.0 if index == 5 else -1.0)
+        study.tell(trial, list(values))
+    front = pareto_front(study, "cpu_fp32")
+    assert [trial.number for trial in front] == [0, 4, 1], "dominated and infeasible trials left out, ties kept, fastest first"
+    assert hypervolume(front, 1, 10.0) == pytest.approx(0.5 * 8 + 0.4 * 5)
+    assert hypervolume([], 1, 10.0) == 0.0
+
+
+def test_no_module_imports_a_private_part_of_another_library() -> None:
+    """No ``import x._y``, ``from x._y import z``, ``from x import _z`` or ``x._y`` on an imported third-party name
+    anywhere under nas/, supernets/ and kernels/ (a minor release may remove them)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    first_party = {"nas", "supernets", "kernels"}
+
+    def private(part: str) -> bool:
+        return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+    def third_party(module: str) -> bool:
+        top = module.split(".")[0]
+        return top not in first_party and top not in sys.stdlib_module_names and top != "__future__"
+
+    found = []
+    files = [path for folder in first_party for path in sorted((root / folder).rglob("*.py"))]
+    assert len(files) > 30
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        imported: set[str] = set()
+        where = f"{path.relative_to(root)}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if third_party(alias.name):
+                        imported.add(alias.asname or alias.name.split(".")[0])
+                        if any(private(part) for part in alias.name.split(".")):
+                            found.append(f"{where}:{node.lineno} import {alias.name}")
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and third_party(node.module):
+                for alias in node.names:
+                    imported.add(alias.asname or alias.name)
+                    if any(private(part) for part in [*node.module.split("."), alias.name]):
+                        found.append(f"{where}:{node.lineno} from {node.module} import {alias.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and private(node.attr):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id in imported:
+                    found.append(f"{where}:{node.lineno} {ast.unparse(node)}")
+    assert not found, found
 
 
 def test_search_evaluates_each_arch_once_and_stores_an_openable_study(trained: Path, tmp_path: Path) -> None:
@@ -114,7 +195,7 @@ def test_search_evaluates_each_arch_once_and_stores_an_openable_study(trained: P
             assert trial.user_attrs["arch"] == original.user_attrs["arch"] and trial.values == original.values
             continue
         assert 0.0 <= trial.values[0] <= 1.0
-        for name, value in zip(("cpu_fp32", "cpu_int8"), trial.values[1:]):
+        for name, value in zip(("cpu_fp32", "cpu_int8"), trial.values[1:], strict=True):
             measurement = trial.user_attrs[f"latency_{name}_ms"]
             assert measurement["median_ms"] == value > 0
             assert measurement["p10_ms"] <= measurement["median_ms"]
@@ -132,7 +213,8 @@ def test_search_evaluates_each_arch_once_and_stores_an_openable_study(trained: P
         index = 1 + ["cpu_fp32", "cpu_int8"].index(target)
         for member in front:
             assert not any(
-                other.values[0] >= member.values[0] and other.values[index] <= member.values[index]
+                other.values[0] >= member.values[0]
+                and other.values[index] <= member.values[index]
                 and (other.values[0] > member.values[0] or other.values[index] < member.values[index])
                 for other in distinct
             ), "a front member is dominated"
@@ -324,7 +406,7 @@ def test_a_journal_lock_left_by_a_killed_process_is_broken(tmp_path: Path) -> No
 import os, sys, time
 from pathlib import Path
 import optuna
-from nas.search.loop import journal_storage
+from nas.search.study import journal_storage
 path = Path("run/search/study.journal")
 path.parent.mkdir(parents=True)
 optuna.create_study(study_name="first", storage=journal_storage(path))

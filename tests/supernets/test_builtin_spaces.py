@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.helpers import randomise_batch_norm
-from nas.space.schema import builtin_spaces, load_config
 from nas.export.onnx import float32_rounding_error
+from nas.space.schema import builtin_spaces, load_config
 from nas.supernets.costs import arch_cost, example_input
 from nas.supernets.elastic import count_parameters
 from nas.supernets.space import ArchError
 from nas.supernets.supernet import Supernet
+from tests.helpers import randomise_batch_norm
 
 ARCHS_PER_SPACE = 50
 
@@ -32,7 +32,13 @@ def onnx_logits(module: torch.nn.Module, example: torch.Tensor, batch: torch.Ten
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), buffer, dynamo=False, opset_version=17, input_names=["input"], output_names=["logits"],
+            module,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     options = ort.SessionOptions()
