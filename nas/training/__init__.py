@@ -1,2 +1,3 @@
-"""Supernet training: the loop, checkpoints and resume, BN recalibration and accuracy. Strategies (which subnets
-each step trains) live in ``nas.supernets.strategies``."""
+"""Supernet training: the loop (``loop``: phases, teachers, optimizer updates), checkpoints and resume
+(``checkpoint``), BN recalibration and accuracy (``evaluation``). What each step trains is the strategy's business
+(``nas.supernets.strategies``); nothing here knows a strategy by name."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nas.data.datasets import Split, iterate_batches
+from nas.data.splits import Split, iterate_batches
 from nas.supernets.space import Arch
 from nas.supernets.supernet import Supernet, resize_input
 
@@ -37,7 +37,7 @@ def recalibrate_batch_norm(supernet: Supernet, arch: Arch, split: Split, *, batc
             if index >= num_batches:
                 break
             supernet(prepare_batch(inputs, targets, arch)[0])
-    for norm, momentum in zip(norms, momenta):
+    for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     supernet.eval()
 

@@ -1,22 +1,26 @@
-"""Supernet training: the step loop, checkpoints every epoch, resume, and the final evaluation.
+"""Supernet training: the step loop, phases, teachers, and the final evaluation.
 
-A run directory holds ``config.yaml`` (the space file as given), ``checkpoint/`` (``weights.safetensors``,
-``optimizer.safetensors``, ``state.json``; replaced atomically at the end of every epoch), ``log.jsonl`` (one line
-per epoch) and, when training ends, ``metrics.json``.
+What trains is the strategy's business (``nas.supernets.strategies``): for every epoch the loop asks for the
+phase, and for every step for the ``SubnetTask`` list; it computes each task's loss as the task says, keeps the
+teachers (the step's in-place teacher, the frozen copies each phase names) and applies one optimizer update per
+run of tasks with the same learning-rate scale. Nothing here knows a strategy by name.
 
-Every random draw of epoch ``e`` comes from generators seeded with ``(seed, e)``, so a run resumed from the
-checkpoint of epoch ``e - 1`` continues exactly as the uninterrupted run would have.
+A run directory holds ``config.yaml`` (the space file as given), ``checkpoint/`` (replaced atomically at the end
+of every epoch, see ``nas.training.checkpoint``), ``log.jsonl`` (one line per epoch, with its phase) and, when
+training ends, ``metrics.json``.
+
+Every random draw of epoch ``e`` comes from generators seeded with ``(seed, e)``, and a phase starts after that
+seeding, so a run resumed from the checkpoint of epoch ``e - 1`` continues exactly as the uninterrupted run would
+have.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import math
-import os
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,24 +28,19 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from torch import nn
 
-import nas
-from nas.space.schema import RunConfig, TrainingModel, parse_config
-from nas.data.datasets import TaskData, iterate_batches
-from nas.run_dir import CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG_FILE, RunDir
-from nas.training.evaluation import correct_and_total, evaluate_arch, prepare_batch
-from nas.supernets.space import Arch, SearchSpace
-from nas.supernets.strategies import STRATEGIES
-from nas.supernets.supernet import Supernet
+from nas.data.splits import TaskData, iterate_batches
 from nas.data.tasks import load_task_data
+from nas.run_dir import RunDir
+from nas.space.schema import RunConfig, TrainingModel
+from nas.supernets.space import Arch, SearchSpace
+from nas.supernets.strategies import STRATEGIES, FrozenTeacher, InplaceTeacher, Phase, Schedule, StrategyError, SubnetTask, TrainingStrategy
+from nas.supernets.supernet import Supernet
+from nas.training.checkpoint import RunError, atomic_write_text, checkpoint_dir, load_checkpoint, load_run, prepare_run_dir, save_checkpoint
+from nas.training.evaluation import correct_and_total, evaluate_arch, prepare_batch
 
 logger = logging.getLogger(__name__)
-
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked (exists without --resume, or holds another space)."""
 
 
 class Progress(Protocol):
@@ -66,23 +65,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def learning_rate(training: TrainingModel, step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up for ``warmup_epochs``, then cosine decay to zero."""
-    total = training.epochs * steps_per_epoch
-    warmup = min(training.warmup_epochs * steps_per_epoch, total - 1)
-    if step < warmup:
-        return training.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return training.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(supernet: Supernet, training: TrainingModel) -> torch.optim.Optimizer:
+def make_optimizer(supernet: nn.Module, training: TrainingModel) -> torch.optim.Optimizer:
     decay = [p for n, p in supernet.named_parameters() if p.ndim > 1 and "transforms" not in n]
     no_decay = [p for n, p in supernet.named_parameters() if p.ndim <= 1 or "transforms" in n]
-    groups = [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if training.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=training.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=training.lr)
+
+
+def build_strategy(config: RunConfig, steps_per_epoch: int) -> TrainingStrategy[Any]:
+    """The strategy ``training.strategy`` with its options from ``training:`` and the run's schedule."""
+    training = config.training
+    schedule = Schedule(training.lr, training.epochs, training.warmup_epochs, steps_per_epoch)
+    return STRATEGIES.get(training.strategy)(config.space, training.strategy_options(), schedule)
 
 
 def augment(inputs: torch.Tensor, generator: torch.Generator, max_shift: float = 0.1) -> torch.Tensor:
@@ -104,100 +100,131 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: tor
     return (per_item * mask).sum() / mask.sum().clamp_min(1)
 
 
+def align_teacher(teacher: torch.Tensor, student: torch.Tensor, arch: Arch) -> torch.Tensor:
+    """The teacher's predictions at the student's positions. image: [B, C]; sequence: [B, L_teacher, C] cut to
+    the student's [B, L, C] (the student's sequence is a prefix of the teacher's)."""
+    if student.ndim == 3:
+        teacher = teacher[:, : student.shape[1]]
+    if teacher.shape != student.shape:
+        raise StrategyError(
+            f"the teacher's predictions {list(teacher.shape)} do not cover those of the student {arch.short_name()} {list(student.shape)}; "
+            "a teacher must see at least the student's sequence length"
+        )
+    return teacher
+
+
+def freeze(supernet: Supernet) -> Supernet:
+    """A frozen copy of ``supernet``: its own storage, no gradients."""
+    frozen = copy.deepcopy(supernet)
+    frozen.requires_grad_(False)
+    return frozen
+
+
+class StepTeachers:
+    """The teachers of one step: the in-place teacher's predictions once a task provides them, and the frozen
+    copies' predictions, each computed at most once per (copy, arch)."""
+
+    def __init__(self, frozen: Mapping[str, Supernet], inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.frozen = frozen
+        self.inputs = inputs
+        self.targets = targets
+        self.inplace: torch.Tensor | None = None
+        self.cache: dict[tuple[str, Arch], torch.Tensor] = {}
+
+    def predictions(self, teacher: InplaceTeacher | FrozenTeacher, task_index: int) -> torch.Tensor:
+        if isinstance(teacher, InplaceTeacher):
+            if self.inplace is None:
+                raise StrategyError(f"task {task_index} learns from the in-place teacher, but no earlier task of the step has provides_teacher=True")
+            return self.inplace
+        key = (teacher.name, teacher.arch)
+        if key not in self.cache:
+            if teacher.name not in self.frozen:
+                raise StrategyError(
+                    f"task {task_index} learns from the frozen copy {teacher.name!r}, but no phase so far froze it; frozen: {sorted(self.frozen)}"
+                )
+            network = self.frozen[teacher.name]
+            network.set_active(teacher.arch)
+            network.train()
+            with torch.no_grad():
+                self.cache[key] = network(prepare_batch(self.inputs, self.targets, teacher.arch)[0])
+        return self.cache[key]
+
+
+def task_loss(task: SubnetTask, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+    """``label_weight`` * cross-entropy with ``targets`` + ``teacher_weight`` * soft cross-entropy with ``teacher``
+    (terms of weight 0 are not computed). logits: [B, C] or [B, L, C]; targets: [B] or [B, L] (-100 unscored)."""
+    terms = []
+    if task.label_weight:
+        labels = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100, label_smoothing=label_smoothing)
+        terms.append(task.label_weight * labels)
+    if task.teacher_weight and teacher is not None:
+        terms.append(task.teacher_weight * distillation_loss(logits, teacher, targets))
+    return sum(terms[1:], terms[0])
+
+
 def train_step(
-    supernet: Supernet, strategy: Any, training: TrainingModel, inputs: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator, epoch: int, step: int
+    supernet: Supernet,
+    tasks: list[SubnetTask],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    label_smoothing: float = 0.0,
+    frozen: Mapping[str, Supernet] | None = None,
 ) -> tuple[float, int, int]:
-    """One sandwich-style step (gradients accumulated over the strategy's subnets). Returns the teacher's loss,
-    hits and scored count."""
-    teacher_logits: torch.Tensor | None = None
-    teacher_stats = (0.0, 0, 0)
-    for task in strategy.subnets(rng, epoch, step):
-        supernet.set_active(task.arch)
-        x, y = prepare_batch(inputs, targets, task.arch)
-        logits = supernet(x)
-        if task.distill and teacher_logits is not None:
-            teacher = teacher_logits[:, : logits.shape[1]] if logits.ndim == 3 else teacher_logits
-            loss = distillation_loss(logits, teacher, y)
-        else:
-            loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100, label_smoothing=training.label_smoothing)
-        loss.backward()
-        if task.teacher:
-            teacher_logits = logits.detach()
-            hits, count = correct_and_total(teacher_logits, y)
-            teacher_stats = (float(loss.detach()), hits, count)
-    return teacher_stats
+    """Train one batch on ``tasks``: gradients of consecutive tasks with equal ``lr_scale`` accumulate into one
+    optimizer update at ``lr * lr_scale``. Returns the first task's loss, hits and scored count.
+    inputs: [B, C, H, W] or [B, L]; targets: [B] or [B, L]."""
+    if not tasks:
+        raise StrategyError("a step needs at least one task, got none")
+    teachers = StepTeachers(frozen or {}, inputs, targets)
+    stats: tuple[float, int, int] | None = None
+    start = 0
+    while start < len(tasks):
+        end = start + 1
+        while end < len(tasks) and tasks[end].lr_scale == tasks[start].lr_scale:
+            end += 1
+        optimizer.zero_grad(set_to_none=True)
+        for index in range(start, end):
+            task = tasks[index]
+            supernet.set_active(task.arch)
+            x, y = prepare_batch(inputs, targets, task.arch)
+            logits = supernet(x)
+            teacher = None if task.teacher is None else align_teacher(teachers.predictions(task.teacher, index), logits, task.arch)
+            loss = task_loss(task, logits, y, teacher, label_smoothing)
+            loss.backward()
+            if task.provides_teacher:
+                teachers.inplace = logits.detach()
+            if stats is None:
+                stats = (float(loss.detach()), *correct_and_total(logits.detach(), y))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * tasks[start].lr_scale
+        optimizer.step()
+        start = end
+    assert stats is not None
+    return stats
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def save_checkpoint(run_dir: Path, supernet: Supernet, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Write ``checkpoint/`` atomically: a complete new folder replaces the old one by rename."""
-    layout = RunDir(run_dir)
-    target, staging, previous = layout.checkpoint, layout.checkpoint_staging, layout.checkpoint_previous
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_file({name: tensor.contiguous() for name, tensor in supernet.state_dict().items()}, str(staging / CHECKPOINT_WEIGHTS))
-    optimizer_state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in optimizer_state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    save_file(tensors, str(staging / CHECKPOINT_OPTIMIZER))
-    document = {**state, "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars, "nasforge_version": nas.__version__}
-    (staging / CHECKPOINT_STATE).write_text(json.dumps(document, indent=1))
-    for file in staging.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if target.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(target, previous)
-    os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def checkpoint_dir(run_dir: Path) -> Path | None:
-    """The complete checkpoint in ``run_dir`` (the previous one if a crash interrupted the swap), or None."""
-    for candidate in (RunDir(run_dir).checkpoint, RunDir(run_dir).checkpoint_previous):
-        if (candidate / CHECKPOINT_STATE).is_file():
-            return candidate
-    return None
-
-
-def load_checkpoint(folder: Path, supernet: Supernet, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    supernet.load_state_dict(load_file(str(folder / CHECKPOINT_WEIGHTS)))
-    state = json.loads((folder / CHECKPOINT_STATE).read_text())
-    if optimizer is not None:
-        tensors = load_file(str(folder / CHECKPOINT_OPTIMIZER))
-        restored: dict[int, dict[str, Any]] = {}
-        for key, tensor in tensors.items():
-            index, name = key.split(".", 1)
-            restored.setdefault(int(index), {})[name] = tensor
-        for index, values in state["optimizer_scalars"].items():
-            restored.setdefault(int(index), {}).update(values)
-        optimizer.load_state_dict({"state": restored, "param_groups": state["optimizer_groups"]})
-    return state
-
-
-def load_run(run_dir: Path) -> tuple[RunConfig, Supernet, dict[str, Any]]:
-    """The config and trained supernet of a run directory (for evaluation and export)."""
-    config_path = RunDir(run_dir).config
-    if not config_path.is_file():
-        raise RunError(f"{run_dir} is not a nasforge run directory (no {CONFIG_FILE})")
-    config = parse_config(config_path.read_text(), str(config_path))
-    folder = checkpoint_dir(run_dir)
-    if folder is None:
-        raise RunError(f"{run_dir} has no checkpoint yet; train it first with `nas train`")
-    supernet = Supernet(config.space)
-    state = load_checkpoint(folder, supernet)
-    return config, supernet, state
+def start_phase(
+    strategy: TrainingStrategy[Any],
+    phase: Phase,
+    epoch: int,
+    supernet: Supernet,
+    optimizer: torch.optim.Optimizer,
+    frozen: dict[str, Supernet],
+    training: TrainingModel,
+) -> torch.optim.Optimizer:
+    """Start ``phase`` at ``epoch``: take its frozen copies, start a fresh optimizer if it asks, then let the
+    strategy transform the supernet. Returns the optimizer to use from now on."""
+    logger.info("phase %s starts at epoch %d", phase.name, epoch + 1)
+    for name in phase.freeze:
+        frozen[name] = freeze(supernet)
+    if phase.reset_optimizer:
+        optimizer = make_optimizer(supernet, training)
+    with torch.no_grad():
+        strategy.on_phase_start(supernet, phase, epoch)
+    return optimizer
 
 
 def family_archs(space: SearchSpace) -> dict[str, tuple[Arch, Arch]]:
@@ -215,7 +242,7 @@ def final_metrics(supernet: Supernet, config: RunConfig, task_data: TaskData) ->
     training = config.training
 
     def score(arch: Arch) -> dict[str, Any]:
-        results = {"arch": arch.to_dict()}
+        results: dict[str, Any] = {"arch": arch.to_dict()}
         for name, split in (("val", task_data.val), ("test", task_data.test)):
             results[name] = evaluate_arch(
                 supernet, arch, task_data.train, split, batch_size=training.batch_size, calibration_batches=training.calibration_batches, seed=training.seed
@@ -227,23 +254,6 @@ def final_metrics(supernet: Supernet, config: RunConfig, task_data: TaskData) ->
     if len(families) > 1:
         metrics["families"] = {name: {"largest": score(large), "smallest": score(small)} for name, (large, small) in families.items()}
     return metrics
-
-
-def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> int:
-    """Create or check ``run_dir``; returns the number of epochs already completed (0 for a new run)."""
-    config_path = RunDir(run_dir).config
-    if config_path.exists():
-        if config_path.read_text() != config.text:
-            raise RunError(f"{run_dir} holds a run of a different space file; choose another --out")
-        folder = checkpoint_dir(run_dir)
-        if folder is not None and not resume:
-            raise RunError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
-        if folder is None:
-            return 0
-        return int(json.loads((folder / CHECKPOINT_STATE).read_text())["epochs_completed"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(config_path, config.text)
-    return 0
 
 
 def train(
@@ -264,17 +274,22 @@ def train(
     run_dir = Path(run_dir)
     task_data = task_data or load_task_data(config.task, config.space, seed=training.seed)
     completed = prepare_run_dir(run_dir, config, resume)
-    torch.manual_seed(training.seed)
-    supernet = Supernet(config.space)
-    optimizer = make_optimizer(supernet, training)
-    state: dict[str, Any] = {"epochs_completed": 0, "train_seconds": 0.0, "history": []}
-    if completed:
-        state = load_checkpoint(checkpoint_dir(run_dir), supernet, optimizer)
-        logger.info("resuming %s after epoch %d", run_dir, completed)
-    strategy = STRATEGIES.get(training.strategy)(
-        config.space, random_subnets=training.random_subnets, distill=training.distill, largest_only_epochs=training.largest_only_epochs
-    )
     steps_per_epoch = max(1, len(task_data.train.targets) // training.batch_size)
+    strategy = build_strategy(config, steps_per_epoch)
+    torch.manual_seed(training.seed)
+    supernet = strategy.build_supernet(config.space, strategy.options)
+    optimizer = make_optimizer(supernet, training)
+    state: dict[str, Any] = {"epochs_completed": 0, "train_seconds": 0.0, "history": [], "phase": None, "strategy": strategy.state_dict()}
+    frozen: dict[str, Supernet] = {}
+    if completed:
+        folder = checkpoint_dir(run_dir)
+        assert folder is not None
+        state, frozen_weights = load_checkpoint(folder, supernet, optimizer)
+        for name, weights in frozen_weights.items():
+            frozen[name] = freeze(supernet)
+            frozen[name].load_state_dict(weights)
+        strategy.load_state_dict(state.get("strategy", {}))
+        logger.info("resuming %s after epoch %d (phase %s)", run_dir, completed, state.get("phase"))
     bar = progress(training.epochs * steps_per_epoch, "train", completed * steps_per_epoch) if progress else None
     epochs_run = 0
     try:
@@ -286,32 +301,44 @@ def train(
             rng = np.random.default_rng(seed)
             generator = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)
+            phase = strategy.phase(epoch)
+            if phase.name != state.get("phase"):
+                optimizer = start_phase(strategy, phase, epoch, supernet, optimizer, frozen, training)
+                state["phase"] = phase.name
             supernet.train()
             totals = [0.0, 0, 0]
             batches = iterate_batches(task_data.train, training.batch_size, shuffle=True, generator=generator, drop_last=True)
             for step, (inputs, targets) in enumerate(batches):
-                global_step = epoch * steps_per_epoch + step
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(training, global_step, steps_per_epoch)
                 if training.augment and config.space.modality == "image":
                     inputs = augment(inputs, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss, hits, count = train_step(supernet, strategy, training, inputs, targets, rng, epoch, step)
-                optimizer.step()
+                tasks = strategy.tasks(phase, rng, epoch, step)
+                loss, hits, count = train_step(
+                    supernet,
+                    tasks,
+                    inputs,
+                    targets,
+                    optimizer=optimizer,
+                    lr=strategy.learning_rate(epoch, step),
+                    label_smoothing=training.label_smoothing,
+                    frozen=frozen,
+                )
                 totals[0] += loss
                 totals[1] += hits
                 totals[2] += count
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({"epoch": epoch + 1, "loss": f"{totals[0] / (step + 1):.3f}", "acc": f"{totals[1] / max(totals[2], 1):.3f}"})
-            record = {"epoch": epoch + 1, "loss": totals[0] / steps_per_epoch, "train_accuracy": totals[1] / max(totals[2], 1)}
+                    bar.set_postfix(
+                        {"epoch": epoch + 1, "phase": phase.name, "loss": f"{totals[0] / (step + 1):.3f}", "acc": f"{totals[1] / max(totals[2], 1):.3f}"}
+                    )
+            record = {"epoch": epoch + 1, "phase": phase.name, "loss": totals[0] / steps_per_epoch, "train_accuracy": totals[1] / max(totals[2], 1)}
             state["history"].append(record)
             state["epochs_completed"] = epoch + 1
             state["train_seconds"] = state["train_seconds"] + time.perf_counter() - started
-            save_checkpoint(run_dir, supernet, optimizer, state)
+            state["strategy"] = strategy.state_dict()
+            save_checkpoint(run_dir, supernet, optimizer, state, frozen)
             with open(RunDir(run_dir).log, "a") as log:
                 log.write(json.dumps(record) + "\n")
-            logger.info("epoch %d/%d loss %.4f accuracy %.4f", epoch + 1, training.epochs, record["loss"], record["train_accuracy"])
+            logger.info("epoch %d/%d (%s) loss %.4f accuracy %.4f", epoch + 1, training.epochs, phase.name, record["loss"], record["train_accuracy"])
             epochs_run += 1
     finally:
         if bar is not None:
@@ -320,9 +347,10 @@ def train(
     if state["epochs_completed"] == training.epochs:
         metrics = final_metrics(supernet, config, task_data)
         metrics["epochs"] = training.epochs
+        metrics["phases"] = [record.get("phase") for record in state["history"]]
         metrics["train_seconds"] = state["train_seconds"]
-        _atomic_write_text(RunDir(run_dir).metrics, json.dumps(metrics, indent=1))
+        atomic_write_text(RunDir(run_dir).metrics, json.dumps(metrics, indent=1))
     return TrainResult(run_dir, metrics, completed)
 
 
-__all__ = ["RunError", "TrainResult", "load_run", "train"]
+__all__ = ["RunError", "TrainResult", "build_strategy", "load_run", "train", "train_step"]

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Annotated
 
-from .base import STRATEGIES, SubnetTask, TrainingStrategy
+import numpy as np
+from pydantic import Field, StrictBool, StrictInt
+
+from .base import INPLACE, STRATEGIES, Phase, StrategyOptions, SubnetTask, TrainingStrategy, largest_only
+
+
+class SandwichOptions(StrategyOptions):
+    """``random_subnets``: random subnets per step besides the largest and the smallest. ``distill``: they and
+    the smallest learn from the largest's predictions (in-place distillation) instead of the labels.
+    ``largest_only_epochs``: the first epochs train only the largest subnet."""
+
+    random_subnets: Annotated[StrictInt, Field(ge=0, le=64)] = 2
+    distill: StrictBool = True
+    largest_only_epochs: Annotated[StrictInt, Field(ge=0, le=100_000)] = 0
 
 
 @STRATEGIES.decorator("sandwich")
-class SandwichRule(TrainingStrategy):
+class SandwichRule(TrainingStrategy[SandwichOptions]):
     """BigNAS / slimmable sandwich rule: the largest subnet, the smallest and ``random_subnets`` random ones each
-    step; with ``distill`` the others learn from the largest's predictions (in-place distillation). During the
-    first ``largest_only_epochs`` only the largest trains, so the teacher has something to teach (tasks such as
-    associative recall learn through a sudden transition that the shared updates of many subnets delay)."""
+    step, one optimizer update for all; with ``distill`` the others learn from the largest's predictions. Phase
+    ``largest_only`` (the first ``largest_only_epochs``) trains only the largest, so the teacher has something to
+    teach (tasks such as associative recall learn through a sudden transition that the shared updates of many
+    subnets delay); phase ``sandwich`` follows."""
 
     name = "sandwich"
+    options_type = SandwichOptions
 
-    def subnets(self, rng: np.random.Generator, epoch: int, step: int) -> list[SubnetTask]:
-        tasks = [SubnetTask(self.space.largest(), teacher=True, distill=False)]
-        if epoch < self.largest_only_epochs:
+    def phase(self, epoch: int) -> Phase:
+        if epoch < self.options.largest_only_epochs:
+            return Phase("largest_only", largest_only(self.space))
+        return Phase("sandwich", self.space)
+
+    def tasks(self, phase: Phase, rng: np.random.Generator, epoch: int, step: int) -> list[SubnetTask]:
+        space = phase.space
+        tasks = [SubnetTask(space.largest(), provides_teacher=True)]
+        if phase.name == "largest_only":
             return tasks
-        others = [self.space.smallest(), *(self.space.sample(rng) for _ in range(self.random_subnets))]
-        tasks += [SubnetTask(arch, teacher=False, distill=self.distill) for arch in others]
-        return tasks
-
-
+        others = [space.smallest(), *(space.sample(rng) for _ in range(self.options.random_subnets))]
+        if self.options.distill:
+            return tasks + [SubnetTask(arch, label_weight=0.0, teacher=INPLACE, teacher_weight=1.0) for arch in others]
+        return tasks + [SubnetTask(arch) for arch in others]
