@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from nas.space.schema import load_config
 from nas.search.evaluators import Evaluation, EvaluatorPayload
 from nas.search.loop import SearchSettings, run_search
+from nas.space.schema import load_config
 from nas.training.loop import train
 
 
@@ -38,7 +38,10 @@ class InstantEvaluator:
 
 
 def instant_measure(models: dict[tuple[str, str], bytes]) -> dict[tuple[str, str], dict]:
-    return {key: {"median_ms": 1.0 + len(key[0]) * 1e-6, "p10_ms": 1.0, "p90_ms": 1.0, "cv": 0.0, "samples": 1, "stable": True, "seconds": 0.0, "fingerprint": {}} for key in models}
+    return {
+        key: {"median_ms": 1.0 + len(key[0]) * 1e-6, "p10_ms": 1.0, "p90_ms": 1.0, "cv": 0.0, "samples": 1, "stable": True, "seconds": 0.0, "fingerprint": {}}
+        for key in models
+    }
 
 
 def search_once(trained: Path, workers: int, trials: int, **kwargs) -> tuple[float, float, float, float]:
@@ -78,8 +81,10 @@ def main() -> None:
             rates[workers] = rate
             startups[workers].append(startup)
             phases[workers].append((evaluation, measurement))
-            print(f"round {round_index + 1}: workers {workers}: {rate:.3f} archs/s (start-up {startup:.1f} s, "
-                  f"evaluation {evaluation:.1f} s, measurement {measurement:.1f} s)")
+            print(
+                f"round {round_index + 1}: workers {workers}: {rate:.3f} archs/s (start-up {startup:.1f} s, "
+                f"evaluation {evaluation:.1f} s, measurement {measurement:.1f} s)"
+            )
         single.append(rates[1])
         multi.append(rates[args.workers])
         ratios.append(rates[args.workers] / rates[1])
@@ -90,12 +95,17 @@ def main() -> None:
         overhead[workers] = 1.0 / rate
 
     print()
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}; space {args.space}; {args.trials} archs per search; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {platform.system()}; space {args.space}; "
+        f"{args.trials} archs per search; {time.strftime('%Y-%m-%d')}"
+    )
     print()
     print(f"| measure | workers 1 | workers {args.workers} | ratio |")
     print("|---|---|---|---|")
-    print(f"| distinct archs / s (median of {args.rounds} rounds) | {statistics.median(single):.3f} | {statistics.median(multi):.3f} | "
-          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |")
+    print(
+        f"| distinct archs / s (median of {args.rounds} rounds) | {statistics.median(single):.3f} | {statistics.median(multi):.3f} | "
+        f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}] |"
+    )
     evaluation = {workers: statistics.median(args.trials / phase[0] for phase in values) for workers, values in phases.items()}
     measurement = {workers: statistics.median(phase[1] / args.trials for phase in values) for workers, values in phases.items()}
     print(f"| evaluation phase only, archs / s | {evaluation[1]:.3f} | {evaluation[args.workers]:.3f} | {evaluation[args.workers] / evaluation[1]:.2f}x |")

@@ -16,6 +16,7 @@ from typing import Any
 
 import nas
 from nas.run_dir import RunDir
+from nas.search.samplers import SAMPLERS
 
 logger = logging.getLogger("nas")
 
@@ -110,7 +111,7 @@ def command_export(args: argparse.Namespace) -> int:
 
 def _export_from_study(args: argparse.Namespace) -> int:
     from nas.report.writers import export_trials, front_trials
-    from nas.search.loop import load_study
+    from nas.search.study import load_study
 
     run_dir = Path(args.run_dir)
     study = load_study(run_dir)
@@ -147,7 +148,8 @@ def command_run(args: argparse.Namespace) -> int:
     import time
 
     from nas.report.writers import export_trials, front_trials, op_type_comparison, write_outputs
-    from nas.search.loop import SearchSettings, run_search
+    from nas.search.loop import run_search
+    from nas.search.settings import SearchSettings
     from nas.training.loop import train
 
     config = _load_config(args.space)
@@ -180,7 +182,10 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"front on {name}: {len(front_summary['members'])} archs")
         for member in front_summary["members"]:
             latency = member["latency_ms"][name]
-            print(f"  trial {member['trial']:4d}  {member['arch_name']:28s} val acc {member['val_accuracy']:.4f}  {latency['median_ms']:.4g} ms (p10 {latency['p10_ms']:.4g}, cv {latency['cv']:.1%})")
+            print(
+                f"  trial {member['trial']:4d}  {member['arch_name']:28s} val acc {member['val_accuracy']:.4f}  "
+                f"{latency['median_ms']:.4g} ms (p10 {latency['p10_ms']:.4g}, cv {latency['cv']:.1%})"
+            )
     print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}  trials: {out / 'trials.csv'}")
     return 0
 
@@ -226,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="evaluators (default 1: in process, no Ray; N > 1: N local Ray actors)")
     run.add_argument("--address", help="join an existing Ray cluster ('auto' or HOST:PORT)")
     run.add_argument("--trials", type=int, help="distinct archs to evaluate (default: the space file's search.trials)")
-    run.add_argument("--sampler", help="nsga2, tpe, random or evolution (default: search.sampler)")
+    run.add_argument("--sampler", help=f"{', '.join(SAMPLERS.names())} (default: search.sampler)")
     run.add_argument("--targets", help="comma-separated latency targets, e.g. cpu_fp32,cpu_int8 (default: search.targets)")
     run.add_argument("--seed", type=int, help="sampler seed (default: search.seed)")
     run.add_argument("--no-int8", action="store_true", help="skip the INT8 export of the front")
@@ -239,11 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from nas.space.schema import ConfigError
-    from nas.data.datasets import DataError
+    logging.getLogger("nas.plugins").setLevel(logging.INFO)
+    from nas.data.splits import DataError
     from nas.export.onnx import ExportError
+    from nas.latency.targets import LatencyError
     from nas.search.evaluators import EvaluatorStartError
-    from nas.latency.measure import LatencyError
+    from nas.space.schema import ConfigError
     from nas.supernets.space import ArchError
     from nas.training.loop import RunError
 

@@ -3,7 +3,9 @@ else asks a ``RunDir`` for a path.
 
 ```
 RUN/
+  .lock                held (flock) by the one process working in the folder; says who (nas.run_lock)
   config.yaml          the space file as given
+  origin.json          the folder the space file came from (its plugins: are resolved against it)
   checkpoint/          weights.safetensors + state.json (replaced atomically after every epoch; .tmp/.old beside)
   log.jsonl            one line per epoch
   metrics.json         accuracies of the largest and smallest subnets (and per block family)
@@ -15,10 +17,13 @@ RUN/
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_WEIGHTS = "weights.safetensors"
 CHECKPOINT_STATE = "state.json"
@@ -48,6 +53,25 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / CONFIG_FILE
+
+    @property
+    def origin(self) -> Path:
+        return self.root / "origin.json"
+
+    def record_origin(self, base_dir: Path | None) -> None:
+        """Remember the space file's folder, so that its relative ``plugins:`` resolve when the run is reloaded."""
+        if base_dir is None:
+            return
+        temporary = self.origin.with_name(self.origin.name + STAGING_SUFFIX)
+        temporary.write_text(json.dumps({"base_dir": str(Path(base_dir).resolve())}))
+        os.replace(temporary, self.origin)
+
+    def origin_dir(self) -> Path | None:
+        """The space file's folder recorded by ``record_origin`` (None if the run has no record)."""
+        try:
+            return Path(json.loads(self.origin.read_text())["base_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @property
     def checkpoint(self) -> Path:

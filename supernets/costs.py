@@ -7,7 +7,6 @@ is the previous stage's width, minimising (or maximising) each block position in
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,14 +55,20 @@ class _Costs:
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
+        self._cache: dict[tuple[tuple, int], tuple[int, int]] = {}
 
     def _features(self, channels: int, size: int) -> torch.Tensor:
         if self.space.modality == "image":
             return torch.zeros(1, channels, size, size)
         return torch.zeros(1, size, channels)
 
-    @functools.lru_cache(maxsize=None)
     def module(self, key: tuple, size: int) -> tuple[int, int]:
+        """(params, MACs) of one piece (``key`` names it) at input size ``size``, counted once."""
+        if (key, size) not in self._cache:
+            self._cache[(key, size)] = self._count(key, size)
+        return self._cache[(key, size)]
+
+    def _count(self, key: tuple, size: int) -> tuple[int, int]:
         kind, *args = key
         if kind == "block":
             entry_name, config, context = args
@@ -120,6 +125,4 @@ def _extreme(space: SearchSpace, costs: _Costs, size: int, metric: int, pick: Ca
 
 
 def _position(costs: _Costs, stage, context: BlockContext, size: int, metric: int, pick: Callable) -> int:
-    return pick(
-        costs.module(("block", choices.type, config, context), size)[metric] for choices in stage.blocks for config in choices.configs()
-    )
+    return pick(costs.module(("block", choices.type, config, context), size)[metric] for choices in stage.blocks for config in choices.configs())

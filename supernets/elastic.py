@@ -13,7 +13,8 @@ receives from the supernet (never read from ``x.shape``). Slicing rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,10 @@ def centred_kernel(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
     full = weight.shape[-1]
     start = (full - kernel_size) // 2
     return weight[..., start : start + kernel_size, start : start + kernel_size]
+
+
+ActiveWeights = tuple[torch.Tensor, torch.Tensor | None]
+"""The active ``(weight, bias or None)`` of an elastic layer."""
 
 
 def head_rows(num_heads: int, active_dim: int, max_dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -42,15 +47,16 @@ class _ActiveWeightCache:
     cache is keyed on the choice and on the parameters' version counters, so any update invalidates it."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: tuple | None = None
+        self.key: Hashable | None = None
+        self.value: ActiveWeights | None = None
 
-    def get(self, module: nn.Module, choice: tuple, compute: Callable[[], tuple]) -> tuple:
+    def get(self, module: nn.Module, choice: Hashable, compute: Callable[[], ActiveWeights]) -> ActiveWeights:
         if torch.is_grad_enabled():
             return compute()
         key = (choice, tuple(parameter._version for parameter in module.parameters()))
-        if key != self.key:
-            self.value = tuple(None if tensor is None else tensor.contiguous() for tensor in compute())
+        if key != self.key or self.value is None:
+            weight, bias = compute()
+            self.value = (weight.contiguous(), None if bias is None else bias.contiguous())
             self.key = key
         return self.value
 
@@ -95,7 +101,7 @@ class ElasticConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(max_out_channels)) if bias else None
         self.transforms = nn.ParameterDict()
         if kernel_transform:
-            for larger, smaller in zip(self.kernel_sizes, self.kernel_sizes[1:]):
+            for larger, smaller in itertools.pairwise(self.kernel_sizes):
                 self.transforms[f"{larger}to{smaller}"] = nn.Parameter(torch.eye(smaller * smaller))
         self._cache = _ActiveWeightCache()
 
@@ -132,9 +138,10 @@ class ElasticConv2d(nn.Module):
         groups = out_channels if self.depthwise else 1
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, self.stride, kernel_size // 2, groups=groups, bias=self.bias is not None)
         with torch.no_grad():
-            conv.weight.copy_(self.active_weight(in_channels, out_channels, kernel_size))
+            state = {"weight": self.active_weight(in_channels, out_channels, kernel_size)}
             if self.bias is not None:
-                conv.bias.copy_(self.bias[:out_channels])
+                state["bias"] = self.bias[:out_channels]
+            conv.load_state_dict(state)
         return conv
 
 
@@ -144,6 +151,10 @@ class ElasticBatchNorm2d(nn.Module):
     Set ``momentum = None`` (``reset_running_stats()`` does) to accumulate a cumulative average, which is how BN
     recalibration of one subnet works.
     """
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
 
     def __init__(self, max_channels: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()
@@ -179,12 +190,15 @@ class ElasticBatchNorm2d(nn.Module):
 
     def export(self, channels: int) -> nn.BatchNorm2d:
         norm = nn.BatchNorm2d(channels, eps=self.eps)
-        with torch.no_grad():
-            norm.weight.copy_(self.weight[:channels])
-            norm.bias.copy_(self.bias[:channels])
-            norm.running_mean.copy_(self.running_mean[:channels])
-            norm.running_var.copy_(self.running_var[:channels])
-            norm.num_batches_tracked.copy_(self.num_batches_tracked)
+        norm.load_state_dict(
+            {
+                "weight": self.weight[:channels],
+                "bias": self.bias[:channels],
+                "running_mean": self.running_mean[:channels],
+                "running_var": self.running_var[:channels],
+                "num_batches_tracked": self.num_batches_tracked,
+            }
+        )
         return norm
 
 
@@ -208,7 +222,7 @@ class ElasticLinear(nn.Module):
             return tensor.narrow(dim, 0, selection)
         return tensor.index_select(dim, selection)
 
-    def active(self, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def active(self, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> ActiveWeights:
         weight = self._select(self._select(self.weight, out_features, 0), in_features, 1)
         bias = None if self.bias is None else self._select(self.bias, out_features, 0)
         return weight, bias
@@ -256,6 +270,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
+    "ActiveWeights",
     "ElasticBatchNorm2d",
     "ElasticConv2d",
     "ElasticLayerNorm",

@@ -41,11 +41,17 @@ class DuplicateNameError(ValueError):
     """A name registered twice in one registry."""
 
 
+def closest(value: object, allowed: Iterable[object]) -> str | None:
+    """The entry of ``allowed`` closest to ``value`` (difflib's ratio of at least 0.6), or None."""
+    matches = difflib.get_close_matches(str(value), [str(item) for item in allowed], n=1)
+    return matches[0] if matches else None
+
+
 def did_you_mean(value: object, allowed: Iterable[object]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``allowed`` to ``value``, or ``""`` when none is close (the one
     spelling of the hint in every message nasforge writes)."""
-    matches = difflib.get_close_matches(str(value), [str(item) for item in allowed], n=1)
-    return f"; did you mean {matches[0]!r}?" if matches else ""
+    match = closest(value, allowed)
+    return f"; did you mean {match!r}?" if match else ""
 
 
 @dataclass(frozen=True, slots=True)

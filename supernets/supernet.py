@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -126,14 +127,14 @@ def stage_contexts(space: SearchSpace, stage: StageSpace, in_channels: int, out_
     return first, dataclasses.replace(first, in_channels=out_channels, stride=1)
 
 
-def build_stem(space: SearchSpace) -> nn.Module:
+def build_stem(space: SearchSpace) -> ImageStem | SequenceStem:
     if space.modality == "image":
         stem = space.stem
         return ImageStem(space.in_channels, stem.channels, stem.kernel_size, stem.stride, stem.activation)
     return SequenceStem(space.in_channels, space.stem.channels, max(space.sequence_lengths), space.stem.kernel_size)
 
 
-def build_head(space: SearchSpace, in_channels: int) -> nn.Module:
+def build_head(space: SearchSpace, in_channels: int) -> ImageHead | SequenceHead:
     if space.modality == "image":
         head = space.head
         return ImageHead(in_channels, head.channels, head.features, head.dropout, head.activation, space.num_classes)
@@ -145,7 +146,7 @@ def build_static(space: SearchSpace, arch: Arch) -> StaticNet:
     space.check(arch)
     width = space.stem.channels
     stages = []
-    for stage, stage_arch in zip(space.stages, arch.stages):
+    for stage, stage_arch in zip(space.stages, arch.stages, strict=True):
         first, rest = stage_contexts(space, stage, width, stage_arch.width)
         modules: list[nn.Module] = []
         if stage.entry_projection:
@@ -187,7 +188,8 @@ class ElasticStage(nn.Module):
         first, rest = stage_contexts(self.space, self.stage, in_channels, width)
         active = []
         for position, config in enumerate(configs):
-            block = self.positions[position][type_of(config).name]
+            candidates = cast(nn.ModuleDict, self.positions[position])
+            block = cast(ElasticBlock, candidates[type_of(config).name])
             context = first if position == 0 else rest
             block.set_active(config, context.in_channels, context.out_channels)
             active.append(block)
@@ -195,6 +197,7 @@ class ElasticStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.projection_conv is not None:
+            assert self.projection_norm is not None, "the image entry projection is built as conv + norm"
             x = self.projection_norm(self.projection_conv(x, self.in_channels, self.width, 3), self.width)
         elif self.projection_linear is not None:
             x = self.projection_linear(x, self.in_channels, self.width)
@@ -207,9 +210,11 @@ class ElasticStage(nn.Module):
         if self.stage.entry_projection:
             projection = EntryProjection(self.space.modality, self.in_channels, self.width, self.stage.stride)
             if self.projection_conv is not None:
+                assert self.projection_norm is not None, "the image entry projection is built as conv + norm"
                 projection.conv = self.projection_conv.export(self.in_channels, self.width, 3)
                 projection.norm = self.projection_norm.export(self.width)
             else:
+                assert self.projection_linear is not None, "a sequence stage with entry_projection has a linear projection"
                 projection.linear = self.projection_linear.export(self.in_channels, self.width)
             modules.append(projection)
         modules += [block.extract() for block in self.active]
@@ -261,8 +266,8 @@ class Supernet(nn.Module):
         """Activate ``arch``; raises ``ArchError`` if it is not in the space (never clamps)."""
         self.space.check(arch)
         width = self.space.stem.channels
-        for stage, stage_arch in zip(self.stages, arch.stages):
-            stage.set_active(width, stage_arch.width, stage_arch.blocks)
+        for stage, stage_arch in zip(self.stages, arch.stages, strict=True):
+            cast(ElasticStage, stage).set_active(width, stage_arch.width, stage_arch.blocks)
             width = stage_arch.width
         self.last_width = width
         self.arch = arch
@@ -278,14 +283,14 @@ class Supernet(nn.Module):
         width = self.last_width
         if self.space.modality == "sequence":
             return self.classifier(self.head_norm(x, width), width, self.space.num_classes)
-        for conv, norm in zip(self.head_convs, self.head_norms):
-            out = conv.weight.shape[0]
+        for conv, norm, out in zip(self.head_convs, self.head_norms, self.space.head.channels, strict=True):
             x = self.head_activation(norm(conv(x, width, out, 1), out))
             width = out
         x = x.mean(dim=(2, 3))
-        if self.head_features is not None:
-            x = self.head_activation(self.head_features(x, width, self.space.head.features))
-            width = self.space.head.features
+        features = self.space.head.features
+        if self.head_features is not None and features is not None:
+            x = self.head_activation(self.head_features(x, width, features))
+            width = features
         return self.classifier(self.dropout(x), width, self.space.num_classes)
 
     def extract(self, arch: Arch | None = None) -> StaticNet:
@@ -293,28 +298,26 @@ class Supernet(nn.Module):
         if arch is not None:
             self.set_active(arch)
         space = self.space
-        if space.modality == "image":
-            stem = build_stem(space)
+        stem = build_stem(space) if space.modality == "image" else copy.deepcopy(self.sequence_stem)
+        if isinstance(stem, ImageStem):
             stem.conv = self.stem_conv.export(space.in_channels, space.stem.channels, space.stem.kernel_size)
             stem.norm = self.stem_norm.export(space.stem.channels)
-        else:
-            stem = copy.deepcopy(self.sequence_stem)
         head = build_head(space, self.last_width)
-        if space.modality == "image":
+        if isinstance(head, ImageHead):
             width = self.last_width
-            for index, (conv, norm) in enumerate(zip(self.head_convs, self.head_norms)):
-                out = conv.weight.shape[0]
-                head.convs[3 * index] = conv.export(width, out, 1)
-                head.convs[3 * index + 1] = norm.export(out)
+            for index, (conv, norm, out) in enumerate(zip(self.head_convs, self.head_norms, space.head.channels, strict=True)):
+                head.convs[3 * index] = cast(ElasticConv2d, conv).export(width, out, 1)
+                head.convs[3 * index + 1] = cast(ElasticBatchNorm2d, norm).export(out)
                 width = out
-            if self.head_features is not None:
-                head.features[0] = self.head_features.export(width, space.head.features)
-                width = space.head.features
+            features = space.head.features
+            if self.head_features is not None and features is not None:
+                cast(nn.Sequential, head.features)[0] = self.head_features.export(width, features)
+                width = features
             head.classifier = self.classifier.export(width, space.num_classes)
         else:
             head.norm = self.head_norm.export(self.last_width)
             head.classifier = self.classifier.export(self.last_width, space.num_classes)
-        static = StaticNet(stem, [stage.extract() for stage in self.stages], head)
+        static = StaticNet(stem, [cast(ElasticStage, stage).extract() for stage in self.stages], head)
         return static.train(self.training)
 
     def batch_norms(self) -> list[ElasticBatchNorm2d]:

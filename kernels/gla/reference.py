@@ -38,25 +38,17 @@ def _check_inputs(
         return
     for name, tensor in (("q", q), ("k", k), ("v", v), ("g", g)):
         if tensor.dim() != 4:
-            raise ValueError(
-                f"gated linear attention: {name} must have 4 dimensions [B, H, L, D], got shape {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"gated linear attention: {name} must have 4 dimensions [B, H, L, D], got shape {tuple(tensor.shape)}")
     if k.shape != q.shape:
         raise ValueError(f"gated linear attention: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     if g.shape != q.shape:
         raise ValueError(f"gated linear attention: g must have the shape of q {tuple(q.shape)}, got {tuple(g.shape)}")
     if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            "gated linear attention: v must share [B, H, L] with q "
-            f"{tuple(q.shape[:3])}, got {tuple(v.shape[:3])}"
-        )
+        raise ValueError(f"gated linear attention: v must share [B, H, L] with q {tuple(q.shape[:3])}, got {tuple(v.shape[:3])}")
     if initial_state is not None:
         expected = (q.shape[0], q.shape[1], q.shape[3], v.shape[3])
         if tuple(initial_state.shape) != expected:
-            raise ValueError(
-                f"gated linear attention: initial_state must have shape [B, H, K, V] = {expected}, "
-                f"got {tuple(initial_state.shape)}"
-            )
+            raise ValueError(f"gated linear attention: initial_state must have shape [B, H, K, V] = {expected}, got {tuple(initial_state.shape)}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -166,7 +158,7 @@ def chunk_gla(
 
     outputs = []
     for q_chunk, k_chunk, v_chunk, g_chunk in zip(
-        q.split(chunk_size, dim=2), k.split(chunk_size, dim=2), v.split(chunk_size, dim=2), g.split(chunk_size, dim=2)
+        q.split(chunk_size, dim=2), k.split(chunk_size, dim=2), v.split(chunk_size, dim=2), g.split(chunk_size, dim=2), strict=True
     ):
         size = q_chunk.shape[2]
         decay = g_chunk.cumsum(dim=2)

@@ -92,14 +92,10 @@ def _chunk_state_forward_kernel(
         last = tl.minimum(i_n * C + C, L) - 1
         b_k = tl.load(k + i_bh64 * L * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(v + i_bh64 * L * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_g = tl.load(
-            g_cumsum + i_bh64 * L * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0
-        )
+        b_g = tl.load(g_cumsum + i_bh64 * L * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_g_last = tl.load(g_cumsum + i_bh64 * L * K + last * K + o_k, mask=m_k, other=0.0)
         b_k_decayed = tl.where(m_t[:, None], b_k.to(tl.float32) * tl.exp(b_g_last[None, :] - b_g), 0.0)
-        b_h = b_h * tl.exp(b_g_last)[:, None] + tl.dot(
-            tl.trans(b_k_decayed).to(b_v.dtype), b_v, input_precision="ieee"
-        )
+        b_h = b_h * tl.exp(b_g_last)[:, None] + tl.dot(tl.trans(b_k_decayed).to(b_v.dtype), b_v, input_precision="ieee")
 
     if STORE_FINAL_STATE:
         tl.store(ht + i_bh64 * K * V + state_offsets, b_h, mask=m_kv)
@@ -198,17 +194,11 @@ def _chunk_state_backward_kernel(
         m_t = o_t < L
         last = tl.minimum(i_n * C + C, L) - 1
         b_q = tl.load(q + i_bh64 * L * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_do = tl.load(
-            do + i_bh64 * L * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0
-        )
-        b_g = tl.load(
-            g_cumsum + i_bh64 * L * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0
-        )
+        b_do = tl.load(do + i_bh64 * L * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_g = tl.load(g_cumsum + i_bh64 * L * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_g_last = tl.load(g_cumsum + i_bh64 * L * K + last * K + o_k, mask=m_k, other=0.0)
         b_q_decayed = b_q.to(tl.float32) * tl.exp(b_g) * scale
-        b_dh = b_dh * tl.exp(b_g_last)[:, None] + tl.dot(
-            tl.trans(b_q_decayed).to(b_do.dtype), b_do, input_precision="ieee"
-        )
+        b_dh = b_dh * tl.exp(b_g_last)[:, None] + tl.dot(tl.trans(b_q_decayed).to(b_do.dtype), b_do, input_precision="ieee")
 
     if STORE_INITIAL_STATE_GRADIENT:
         tl.store(dh0 + i_bh64 * K * V + state_offsets, b_dh, mask=m_kv)
@@ -398,9 +388,7 @@ def _chunk_states(
     value_dim = v.shape[-1]
     chunks = triton.cdiv(length, chunk_size)
     states = _new_buffer((batch, heads, chunks, key_dim, value_dim), torch.float32, k.device)
-    final_state = (
-        _new_buffer((batch, heads, key_dim, value_dim), torch.float32, k.device) if output_final_state else None
-    )
+    final_state = _new_buffer((batch, heads, key_dim, value_dim), torch.float32, k.device) if output_final_state else None
     block_k, block_v = _block(key_dim, 64), _block(value_dim, 64)
     grid = (triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v), batch * heads)
     _chunk_state_forward_kernel[grid](
@@ -434,9 +422,7 @@ def _backward(
     states, _ = _chunk_states(k, v, g_cumsum, chunk_size, initial_state, output_final_state=False)
 
     state_gradients = _new_buffer((batch, heads, chunks, key_dim, value_dim), torch.float32, q.device)
-    initial_state_gradient = (
-        _new_buffer((batch, heads, key_dim, value_dim), torch.float32, q.device) if initial_state is not None else None
-    )
+    initial_state_gradient = _new_buffer((batch, heads, key_dim, value_dim), torch.float32, q.device) if initial_state is not None else None
     block_k, block_v = _block(key_dim, 64), _block(value_dim, 64)
     grid = (triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v), batch * heads)
     _chunk_state_backward_kernel[grid](
@@ -466,8 +452,9 @@ def _backward(
 
     dg = dg_local.flip(2).cumsum(2).flip(2)
     if final_state_gradient is not None:
+        assert final_state is not None, "a final-state gradient exists only when the forward returned the final state"
         dg = dg + (final_state * final_state_gradient).sum(-1).unsqueeze(2)
-    if initial_state_gradient is not None:
+    if initial_state is not None and initial_state_gradient is not None:
         initial_state_gradient = initial_state_gradient.to(initial_state.dtype)
     return dq, dk, dv, dg.to(g.dtype), initial_state_gradient
 
@@ -490,9 +477,7 @@ class _ChunkGatedLinearAttention(torch.autograd.Function):
         do = do.contiguous()
         if final_state_gradient is not None:
             final_state_gradient = final_state_gradient.contiguous()
-        dq, dk, dv, dg, initial_state_gradient = _backward(
-            q, k, v, g, do, final_state_gradient, final_state, ctx.scale, ctx.chunk_size, initial_state
-        )
+        dq, dk, dv, dg, initial_state_gradient = _backward(q, k, v, g, do, final_state_gradient, final_state, ctx.scale, ctx.chunk_size, initial_state)
         return dq, dk, dv, dg, None, None, initial_state_gradient, None
 
 

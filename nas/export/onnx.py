@@ -91,10 +91,7 @@ def _session(path: Path) -> Any:
 
 def _run(session: Any, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     """Logits of ``inputs`` ([N, ...]) in batches of ``batch_size``, concatenated along axis 0."""
-    outputs = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: inputs[start : start + batch_size]})[0]
-        for start in range(0, len(inputs), batch_size)
-    ]
+    outputs = [session.run([OUTPUT_NAME], {INPUT_NAME: inputs[start : start + batch_size]})[0] for start in range(0, len(inputs), batch_size)]
     return np.concatenate(outputs, axis=0)
 
 
@@ -102,11 +99,7 @@ def _check_input(tensor: torch.Tensor, arch: Arch, name: str) -> None:
     """Raise ``ExportError`` unless ``tensor`` is a batch of inputs of ``arch``."""
     if arch.resolution is not None:
         expected = f"a float32 tensor [B, C, {arch.resolution}, {arch.resolution}]"
-        ok = (
-            tensor.dtype == torch.float32
-            and tensor.dim() == 4
-            and tensor.shape[-2:] == (arch.resolution, arch.resolution)
-        )
+        ok = tensor.dtype == torch.float32 and tensor.dim() == 4 and tensor.shape[-2:] == (arch.resolution, arch.resolution)
     elif arch.sequence_length is not None:
         expected = f"an int64 tensor [B, {arch.sequence_length}]"
         ok = tensor.dtype == torch.int64 and tensor.dim() == 2 and tensor.shape[1] == arch.sequence_length
@@ -217,10 +210,7 @@ def export_onnx(
     check_inputs = example if check_inputs is None else check_inputs
     _check_input(check_inputs, arch, "check_inputs")
     if check_inputs.shape[1:] != example.shape[1:]:
-        raise ExportError(
-            f"check_inputs must match the example's shape after the batch axis {list(example.shape[1:])}, "
-            f"got {list(check_inputs.shape[1:])}"
-        )
+        raise ExportError(f"check_inputs must match the example's shape after the batch axis {list(example.shape[1:])}, got {list(check_inputs.shape[1:])}")
     check_inputs = _check_batch(example, check_inputs)
     was_training = model.training
     model.eval()
@@ -229,9 +219,7 @@ def export_onnx(
             expected = model(check_inputs).numpy()
         with _temporary_sibling(path) as temporary:
             with warnings.catch_warnings():
-                warnings.filterwarnings(
-                    "ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning
-                )
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
                 # Slices with a step (the causal short convolution, chunked GLA) are not folded; nothing is lost.
                 warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
                 torch.onnx.export(
@@ -269,7 +257,11 @@ def export_onnx(
                 tolerance = max(tolerance, 2 * noise)
             logger.info(
                 "exported %s to %s: max |ORT - PyTorch| = %.3g on a batch of %d (tolerance %.3g)",
-                arch.short_name(), path, error, len(check_inputs), tolerance,
+                arch.short_name(),
+                path,
+                error,
+                len(check_inputs),
+                tolerance,
             )
             if not error <= tolerance:
                 raise ExportError(
@@ -304,9 +296,7 @@ def quantizable_nodes(model: Any) -> tuple[list[str], list[str]]:
     initializers = {tensor.name for tensor in model.graph.initializer}
     to_quantize, to_exclude = [], []
     for node in model.graph.node:
-        if node.op_type in ("Conv", "Gemm") or (
-            node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers
-        ):
+        if node.op_type in ("Conv", "Gemm") or (node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers):
             to_quantize.append(node.name)
         else:
             to_exclude.append(node.name)
@@ -486,7 +476,10 @@ def quantize_int8(
         agreement = float((actual.argmax(-1) == reference.argmax(-1)).mean())
         logger.info(
             "INT8 %s: top-1 agreement with fp32 %.4f on %d inputs, max |INT8 - fp32| = %.3g",
-            int8_path, agreement, len(validation_inputs), error,
+            int8_path,
+            agreement,
+            len(validation_inputs),
+            error,
         )
         if not agreement >= min_agreement:
             raise ExportError(
@@ -541,9 +534,7 @@ def export_subnet(
     )
     if not int8:
         return result
-    quantized = quantize_int8(
-        result.path, out_dir / f"{MODEL_STEM}.int8.onnx", calibration=calibration, validation=validation
-    )
+    quantized = quantize_int8(result.path, out_dir / f"{MODEL_STEM}.int8.onnx", calibration=calibration, validation=validation)
     return ExportResult(
         path=result.path,
         max_abs_error=result.max_abs_error,

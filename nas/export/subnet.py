@@ -11,14 +11,14 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from nas.training.evaluation import accuracy, prepare_batch, recalibrate_batch_norm
-from nas.space.schema import RunConfig
-from nas.data.datasets import TaskData
+from nas.data.splits import TaskData
+from nas.data.tasks import load_task_data
 from nas.export.onnx import ExportError, ExportResult, export_subnet
 from nas.run_dir import EXPORT_ARCH_FILE, EXPORT_SUMMARY_FILE, EXPORT_WEIGHTS_FILE, RunDir
+from nas.space.schema import RunConfig
 from nas.supernets.space import Arch, ArchError, SearchSpace
 from nas.supernets.supernet import Supernet
-from nas.data.tasks import load_task_data
+from nas.training.evaluation import accuracy, prepare_batch, recalibrate_batch_norm
 from nas.training.loop import load_run
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,7 @@ def export_loaded(context: ExportContext, arch: Arch, *, int8: bool, out: Path |
     left out (the reason is in ``int8_error`` and ``export.json``) instead of failing the export."""
     config, supernet, task_data = context.config, context.supernet, context.task_data
     training = config.training
-    recalibrate_batch_norm(
-        supernet, arch, task_data.train, batch_size=training.batch_size, num_batches=training.calibration_batches, seed=training.seed
-    )
+    recalibrate_batch_norm(supernet, arch, task_data.train, batch_size=training.batch_size, num_batches=training.calibration_batches, seed=training.seed)
     static = supernet.extract(arch).eval()
     test_accuracy = accuracy(static, arch, task_data.test)
     out_dir = Path(out) if out else RunDir(context.run_dir).exports / arch.short_name()

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.run_dir import RunDir
-from nas.search.loop import distinct_trials, feasible, hypervolume, latency_key, pareto_front
-from nas.supernets.space import Arch
 from nas.export.subnet import ExportReport, export_loaded, load_export_context
+from nas.run_dir import RunDir
+from nas.search.front import hypervolume, pareto_front
+from nas.search.settings import latency_key
+from nas.search.study import distinct_trials, feasible
+from nas.supernets.space import Arch
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,16 @@ def write_trials_csv(study: Any, path: Path) -> None:
             for name in targets:
                 measurement = attrs.get(latency_key(name)) or {}
                 row += [measurement.get("median_ms", ""), measurement.get("p10_ms", ""), measurement.get("cv", "")]
-            row += [attrs.get("params", ""), attrs.get("macs", ""), feasible(trial) if trial.values else "", attrs.get("duplicate_of", ""),
-                    attrs.get("worker", ""), attrs.get("evaluation_seconds", ""), attrs.get("error", ""), arch or ""]
+            row += [
+                attrs.get("params", ""),
+                attrs.get("macs", ""),
+                feasible(trial) if trial.values else "",
+                attrs.get("duplicate_of", ""),
+                attrs.get("worker", ""),
+                attrs.get("evaluation_seconds", ""),
+                attrs.get("error", ""),
+                arch or "",
+            ]
             writer.writerow(row)
 
 
@@ -116,8 +125,13 @@ def pareto_summary(study: Any, exports: dict[int, FrontExport], run_dir: Path) -
     settings = study.user_attrs["settings"]
     targets = list(settings["targets"])
     trials = distinct_trials(study)
-    summary: dict[str, Any] = {"study": RunDir(run_dir).relative(RunDir(run_dir).study), "settings": settings, "constraints": study.user_attrs.get("constraints", []),
-                               "distinct_trials": len(trials), "fronts": {}}
+    summary: dict[str, Any] = {
+        "study": RunDir(run_dir).relative(RunDir(run_dir).study),
+        "settings": settings,
+        "constraints": study.user_attrs.get("constraints", []),
+        "distinct_trials": len(trials),
+        "fronts": {},
+    }
     for index, name in enumerate(targets, start=1):
         front = pareto_front(study, name)
         reference = 1.1 * max((trial.values[index] for trial in trials), default=1.0)
@@ -139,7 +153,7 @@ def plot_fronts(study: Any, path: Path) -> None:
     targets = list(study.user_attrs["settings"]["targets"])
     trials = distinct_trials(study)
     figure, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets), 4.2), squeeze=False)
-    for index, (name, axis) in enumerate(zip(targets, axes[0]), start=1):
+    for index, (name, axis) in enumerate(zip(targets, axes[0], strict=False), start=1):
         good = [trial for trial in trials if feasible(trial)]
         bad = [trial for trial in trials if not feasible(trial)]
         front = pareto_front(study, name)
@@ -161,7 +175,8 @@ def plot_fronts(study: Any, path: Path) -> None:
 
 def op_type_comparison(members: list[FrontExport]) -> list[Any]:
     """fp32 vs INT8 time per op kind, summed over the exported front members that have both models (CPU)."""
-    from nas.latency.measure import compare_op_types, op_type_profile, resolve_target
+    from nas.latency.op_profile import compare_op_types, op_type_profile
+    from nas.latency.targets import resolve_target
 
     fp32_total: dict[str, float] = {}
     int8_total: dict[str, float] = {}
@@ -186,10 +201,43 @@ def _describe(value: Any) -> str:
     return str(value)
 
 
-def _has_vnni() -> bool:
-    from nas.export.onnx import cpu_has_vnni
+def measured_cpus(trials: list[Any], targets: list[str]) -> dict[str, list[str] | None]:
+    """CPU model -> its recorded inference flags (``None`` where the fingerprint records none), over the device
+    fingerprints stored with the CPU measurements of ``trials`` (never the CPU of the machine running this)."""
+    from nas.latency.targets import CPU_PROVIDER
 
-    return cpu_has_vnni()
+    cpus: dict[str, list[str] | None] = {}
+    for trial in trials:
+        for name in targets:
+            fingerprint = (trial.user_attrs.get(latency_key(name)) or {}).get("fingerprint") or {}
+            if fingerprint.get("provider") != CPU_PROVIDER:
+                continue
+            model = str(fingerprint.get("cpu_model") or "unknown CPU")
+            flags = fingerprint.get("cpu_flags")
+            if isinstance(flags, list):
+                cpus[model] = sorted(set(cpus.get(model) or []) | {str(flag) for flag in flags})
+            else:
+                cpus.setdefault(model, None)
+    return cpus
+
+
+def int8_instructions_sentence(cpus: dict[str, list[str] | None]) -> str:
+    """Whether each measured CPU (``measured_cpus``) has 8-bit dot-product instructions, by its recorded flags."""
+    from nas.latency.fingerprint import int8_dot_product_flags
+
+    if not cpus:
+        return "The measurements record no CPU fingerprint, so whether their CPU has 8-bit dot-product instructions (VNNI / AMX) is unknown."
+    phrases = []
+    for model, flags in cpus.items():
+        if flags is None:
+            phrases.append(f"{model} (its fingerprint records no CPU flags, so whether it has 8-bit dot-product instructions is unknown)")
+            continue
+        present = int8_dot_product_flags(flags)
+        if present:
+            phrases.append(f"{model} has 8-bit dot-product instructions ({', '.join(present)})")
+        else:
+            phrases.append(f"{model} has no 8-bit dot-product instructions (VNNI / AMX)")
+    return "CPU of the measurements, by the flags in their device fingerprint: " + "; ".join(phrases) + "."
 
 
 def _fmt_latency(measurement: dict[str, Any]) -> str:
@@ -214,8 +262,17 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
         lines += ["Wall time: " + ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in elapsed.items()) + ".", ""]
     for name in targets:
         front = summary["fronts"][name]
-        lines += [f"## Front on `{name}`", "", f"Hypervolume {front['hypervolume']:.4g} (reference: accuracy 0, latency {front['hypervolume_reference']['latency_ms']:.4g} ms).", ""]
-        header = "| trial | arch | val acc | test acc (exported) | " + " | ".join(f"{target} ms: median [p10] ±CV" for target in targets) + " | params | MACs | INT8 agreement | folder |"
+        lines += [
+            f"## Front on `{name}`",
+            "",
+            f"Hypervolume {front['hypervolume']:.4g} (reference: accuracy 0, latency {front['hypervolume_reference']['latency_ms']:.4g} ms).",
+            "",
+        ]
+        header = (
+            "| trial | arch | val acc | test acc (exported) | "
+            + " | ".join(f"{target} ms: median [p10] ±CV" for target in targets)
+            + " | params | MACs | INT8 agreement | folder |"
+        )
         lines += [header, "|" + "---|" * (8 + len(targets))]
         for member in front["members"]:
             export = member.get("export") or {}
@@ -250,7 +307,12 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
         slower = [row for row in both if row.int8_us >= row.fp32_us]
         int8_only = [row for row in op_types if row.fp32_us == 0]
         fp32_only = [row for row in op_types if row.int8_us == 0]
-        lines += ["## INT8 vs fp32 by op type (this CPU)", "", "ONNX Runtime profiles of the exported front, fp32 and static QDQ INT8, summed over its members:", ""]
+        lines += [
+            "## INT8 vs fp32 by op type (this CPU)",
+            "",
+            "ONNX Runtime profiles of the exported front, fp32 and static QDQ INT8, summed over its members:",
+            "",
+        ]
         lines += ["| op kind | fp32 µs | INT8 µs | INT8 speed-up |", "|---|---|---|---|"]
         for row in op_types:
             speedup = f"{row.speedup:.2f}x" if row.fp32_us > 0 and row.int8_us > 0 else "-"
@@ -261,20 +323,22 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
             "",
             "Faster in INT8: " + (", ".join(f"{row.kind} ({row.speedup:.2f}x)" for row in faster) or "none") + ".",
             "Slower in INT8: " + (", ".join(f"{row.kind} ({row.speedup:.2f}x)" for row in slower) or "none") + ".",
-            "Only in the INT8 graph (quantisation overhead, unfused activations, layout changes): " + (", ".join(row.kind for row in int8_only) or "none") + ".",
+            "Only in the INT8 graph (quantisation overhead, unfused activations, layout changes): "
+            + (", ".join(row.kind for row in int8_only) or "none")
+            + ".",
             "Only in the fp32 graph (fused away or replaced in INT8): " + (", ".join(row.kind for row in fp32_only) or "none") + ".",
             (
                 f"Profiled total: fp32 {total_fp32:.0f} µs, INT8 {total_int8:.0f} µs (profiling adds per-node overhead, so use "
-                "these for proportions; the fronts above use the unprofiled medians). This CPU "
-                + ("has" if _has_vnni() else "has no")
-                + " 8-bit dot-product instructions (VNNI / AMX)."
+                "these for proportions; the fronts above use the unprofiled medians). " + int8_instructions_sentence(measured_cpus(trials, targets))
             ),
             "",
         ]
     path.write_text("\n".join(lines))
 
 
-def write_outputs(run_dir: Path, study: Any, exports: dict[int, FrontExport], *, space_name: str, op_types: list[Any], elapsed: dict[str, float]) -> dict[str, Any]:
+def write_outputs(
+    run_dir: Path, study: Any, exports: dict[int, FrontExport], *, space_name: str, op_types: list[Any], elapsed: dict[str, float]
+) -> dict[str, Any]:
     """Write trials.csv, pareto.json, pareto.png and report.md into ``run_dir``; returns the pareto summary."""
     run_dir = Path(run_dir)
     write_trials_csv(study, RunDir(run_dir).trials_csv)

@@ -8,7 +8,7 @@ checked against the rules declared on each block's config dataclass.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import functools
 import importlib.resources
 import math
@@ -16,21 +16,21 @@ import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter, ValidationError
 
-from nas.latency.measure import TARGET_NAMES
+from nas.data.registry import DATASETS
+from nas.latency.targets import TARGETS
+from nas.search.samplers import SAMPLERS
 from nas.supernets.blocks import BLOCKS, BlockChoices
 from nas.supernets.layers import ACTIVATIONS
+from nas.supernets.registry import closest, did_you_mean
 from nas.supernets.space import HeadSpec, SearchSpace, StageSpace, StemSpec
-from nas.supernets.strategies import STRATEGIES
+from nas.supernets.strategies import STRATEGIES, StrategyOptions
 
-IMAGE_DATASETS = ("digits", "image_folder", "npz", "mnist", "fashion_mnist", "cifar10", "cifar100")
-SEQUENCE_DATASETS = ("mqar",)
 OPTIMIZERS = ("adamw", "sgd")
-SAMPLER_NAMES = ("nsga2", "tpe", "random", "evolution")
 MAX_FILE_BYTES = 1_000_000
 MAX_VALUES = 100_000
 MAX_NESTING = 32
@@ -85,7 +85,8 @@ class TaskModel(_Strict):
 
     @property
     def modality(self) -> str:
-        return "sequence" if self.dataset in SEQUENCE_DATASETS else "image"
+        """``"image"`` or ``"sequence"``, as registered for ``dataset`` in ``DATASETS``."""
+        return DATASETS.get(self.dataset).modality
 
 
 class StemModel(_Strict):
@@ -109,7 +110,13 @@ class StageModel(_Strict):
     blocks: list[dict[str, Any]] = Field(min_length=1)
 
 
-class TrainingModel(_Strict):
+class TrainingModel(BaseModel):
+    """The training settings every strategy shares. Every other key of ``training:`` is an option of the chosen
+    strategy: ``_check_training`` validates them with the strategy's own options model (unknown keys rejected,
+    with their YAML path) and ``strategy_options`` returns them typed."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     strategy: str = "sandwich"
     epochs: Annotated[StrictInt, Field(ge=1, le=100_000)] = 10
     batch_size: Annotated[StrictInt, Field(ge=1, le=65_536)] = 64
@@ -117,19 +124,20 @@ class TrainingModel(_Strict):
     lr: Annotated[Number, Field(gt=0, le=10)] = 0.003
     weight_decay: Annotated[Number, Field(ge=0, le=1)] = 0.01
     warmup_epochs: Annotated[StrictInt, Field(ge=0, le=1000)] = 1
-    random_subnets: Annotated[StrictInt, Field(ge=0, le=64)] = 2
-    largest_only_epochs: Annotated[StrictInt, Field(ge=0, le=100_000)] = 0
-    distill: StrictBool = True
     label_smoothing: Annotated[Number, Field(ge=0, lt=1)] = 0.0
     calibration_batches: Annotated[StrictInt, Field(ge=1, le=10_000)] = 8
     augment: StrictBool = True
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
 
+    def strategy_options(self) -> StrategyOptions:
+        """The options of ``strategy`` (the keys beyond the common ones), validated by its ``options_type``."""
+        return STRATEGIES.get(self.strategy).options_type.model_validate(self.model_extra or {})
+
 
 class ConstraintsModel(_Strict):
     """Hard limits a front member must meet; they reach the sampler through Optuna's constraints function."""
 
-    latency_ms: dict[Literal[TARGET_NAMES], Annotated[Number, Field(gt=0, le=1e7)]] = Field(default_factory=dict)  # type: ignore[valid-type]
+    latency_ms: dict[str, Annotated[Number, Field(gt=0, le=1e7)]] = Field(default_factory=dict)
     params: Annotated[StrictInt, Field(ge=1, le=10**13)] | None = None
     macs: Annotated[StrictInt, Field(ge=1, le=10**16)] | None = None
 
@@ -138,9 +146,9 @@ class SearchModel(_Strict):
     """The accuracy-latency search (``nas run``): budget, sampler, latency targets, measurement, constraints."""
 
     trials: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 40
-    sampler: Literal[SAMPLER_NAMES] = "nsga2"  # type: ignore[valid-type]
+    sampler: str = "nsga2"
     population_size: Annotated[StrictInt, Field(ge=2, le=10_000)] = 16
-    targets: Annotated[list[Literal[TARGET_NAMES]], Field(min_length=1, max_length=4)] = ["cpu_fp32", "cpu_int8"]  # type: ignore[valid-type]
+    targets: Annotated[list[str], Field(min_length=1, max_length=4)] = ["cpu_fp32", "cpu_int8"]
     threads: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
     batch_size: Annotated[StrictInt, Field(ge=1, le=65_536)] = 1
     measure_seconds: Annotated[Number, Field(gt=0, le=3600)] = 2.0
@@ -150,6 +158,7 @@ class SearchModel(_Strict):
 
 class SpaceModel(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")]
+    plugins: Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(max_length=64)] = []
     task: TaskModel
     stem: StemModel
     stages: list[StageModel] = Field(min_length=1, max_length=64)
@@ -178,6 +187,8 @@ class RunConfig:
     search: SearchModel
     source: str
     text: str
+    base_dir: Path | None = None
+    plugins: tuple[str, ...] = ()
 
 
 def builtin_spaces() -> dict[str, Path]:
@@ -202,8 +213,7 @@ def resolve_space(name_or_path: str | Path) -> Path:
         return spaces[str(name_or_path)]
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
         raise ConfigError(str(name_or_path), [Problem("", f"no such file: {name_or_path}")])
-    hint = difflib.get_close_matches(str(name_or_path), spaces, n=1)
-    suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+    suffix = did_you_mean(name_or_path, spaces)
     raise ConfigError(str(name_or_path), [Problem("", f"not a file and not a built-in space; built-in spaces: {sorted(spaces)}{suffix}")])
 
 
@@ -221,11 +231,15 @@ def load_config(name_or_path: str | Path) -> RunConfig:
         raise ConfigError(source, [Problem("", f"file is not UTF-8 text (byte {error.start}; is it a binary file?)")]) from None
     except OSError as error:
         raise ConfigError(source, [Problem("", f"cannot read file: {error.strerror or error}")]) from None
-    return parse_config(text, source)
+    return parse_config(text, source, base_dir=path.resolve().parent)
 
 
-def parse_config(text: str, source: str = "<string>") -> RunConfig:
-    """Validate YAML ``text``; raises ``ConfigError`` listing every problem."""
+def parse_config(text: str, source: str = "<string>", *, base_dir: Path | None = None) -> RunConfig:
+    """Validate YAML ``text``; raises ``ConfigError`` listing every problem.
+
+    ``plugins`` named in the text are imported first (file plugins relative to ``base_dir``, default the current
+    folder), so the blocks, data sets, strategies, samplers and targets they register validate like built-in ones.
+    """
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(source, [Problem("", f"text is longer than {MAX_FILE_BYTES:,} characters; a search space is a short YAML file")])
     try:
@@ -234,7 +248,9 @@ def parse_config(text: str, source: str = "<string>") -> RunConfig:
         line = text.count("\n", 0, error.position) + 1
         column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
         code = error.character if isinstance(error.character, int) else ord(str(error.character)[:1] or "\0")
-        raise ConfigError(source, [Problem("", f"invalid YAML: line {line}, column {column}: character U+{code:04X} is not allowed in YAML text (is it a binary file?)")]) from None
+        raise ConfigError(
+            source, [Problem("", f"invalid YAML: line {line}, column {column}: character U+{code:04X} is not allowed in YAML text (is it a binary file?)")]
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -252,7 +268,7 @@ def parse_config(text: str, source: str = "<string>") -> RunConfig:
     if not isinstance(data, dict):
         kind = {"list": "a list", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean"}.get(type(data).__name__, type(data).__name__)
         raise ConfigError(source, [Problem("", f"top level must be a mapping with keys {sorted(SpaceModel.model_fields)}, got {kind}: {_short(data)}")])
-    problems: list[Problem] = []
+    problems: list[Problem] = _import_plugins(data, source, base_dir)
     try:
         model = SpaceModel.model_validate(data)
     except ValidationError as error:
@@ -260,14 +276,34 @@ def parse_config(text: str, source: str = "<string>") -> RunConfig:
         model = None
     problems += _check_blocks(data)
     problems += _check_semantics(data)
+    problems += _check_targets(data)
     if problems:
         raise ConfigError(source, _ordered(_unique(problems)))
     assert model is not None
-    config = _build(model, source, text)
+    config = dataclasses.replace(_build(model, source, text), base_dir=base_dir, plugins=tuple(model.plugins))
     count = config.space.count()
     if count >= 10**MAX_COUNT_DIGITS:
-        raise ConfigError(source, [Problem("", f"the space has about 10^{int(count.bit_length() * math.log10(2))} subnets, more than the limit of 10^{MAX_COUNT_DIGITS}; use fewer stages, depths or choices")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    "",
+                    f"the space has about 10^{int(count.bit_length() * math.log10(2))} subnets, more than the limit of "
+                    f"10^{MAX_COUNT_DIGITS}; use fewer stages, depths or choices",
+                )
+            ],
+        )
     return config
+
+
+def _import_plugins(data: dict[str, Any], source: str, base_dir: Path | None) -> list[Problem]:
+    """Import the plugins the file names (before anything that reads a registry is validated)."""
+    names = data.get("plugins", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return []
+    from nas.plugins import load_plugins
+
+    return [Problem(f"plugins[{index}]", message) for index, message in load_plugins(names, base_dir, named_in=source)]
 
 
 def _size_problem(data: Any) -> str | None:
@@ -280,7 +316,10 @@ def _size_problem(data: Any) -> str | None:
         values += 1
         characters += len(node) if isinstance(node, str | bytes) else 0
         if values > MAX_VALUES or characters > 2 * MAX_FILE_BYTES:
-            return f"the document has more than {MAX_VALUES:,} values or {2 * MAX_FILE_BYTES:,} characters once YAML aliases are expanded; a search space is a short file"
+            return (
+                f"the document has more than {MAX_VALUES:,} values or {2 * MAX_FILE_BYTES:,} characters once YAML aliases are expanded; "
+                "a search space is a short file"
+            )
         if depth > MAX_NESTING:
             return f"the document is nested more than {MAX_NESTING} levels deep (or an alias refers to itself)"
         if isinstance(node, dict):
@@ -390,9 +429,7 @@ def _pydantic_problem(loc: tuple[Any, ...], item: dict[str, Any]) -> Problem:
     if kind == "extra_forbidden":
         section = SECTIONS.get(str(loc[0]), SpaceModel) if len(loc) > 1 else SpaceModel
         allowed = sorted(section.model_fields)
-        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        suffix = f"; did you mean {hint[0]!r}?" if hint else ""
-        return Problem(path, f"unknown key; allowed keys: {allowed}{suffix}")
+        return Problem(path, f"unknown key; allowed keys: {allowed}{did_you_mean(loc[-1], allowed)}")
     if kind == "missing":
         return Problem(path, "is required")
     return Problem(path, f"{_message(item)}, got {_short(item.get('input'))}")
@@ -409,23 +446,18 @@ def _choice_key(value: Any) -> Any:
     return value
 
 
-def _did_you_mean(value: Any, allowed: Any, separator: str = "; ") -> str:
-    hint = difflib.get_close_matches(str(value), list(allowed), n=1)
-    return f"{separator}did you mean {hint[0]!r}?" if hint else ""
-
-
 def _modality(data: dict[str, Any]) -> str | None:
     """The task's modality, from task.dataset or, for a misspelled dataset, its closest match; ``None`` if unknown."""
     task = data.get("task")
     dataset = task.get("dataset") if isinstance(task, dict) else None
     if not isinstance(dataset, str):
         return None
-    if dataset not in IMAGE_DATASETS + SEQUENCE_DATASETS:
-        hint = difflib.get_close_matches(dataset, IMAGE_DATASETS + SEQUENCE_DATASETS, n=1)
-        if not hint:
+    if dataset not in DATASETS:
+        match = closest(dataset, DATASETS.names())
+        if match is None:
             return None
-        dataset = hint[0]
-    return "sequence" if dataset in SEQUENCE_DATASETS else "image"
+        dataset = match
+    return DATASETS.get(dataset).modality
 
 
 def _check_blocks(data: dict[str, Any]) -> list[Problem]:
@@ -446,7 +478,7 @@ def _check_blocks(data: dict[str, Any]) -> list[Problem]:
                 continue
             type_name = block.get("type")
             if not isinstance(type_name, str) or type_name not in BLOCKS:
-                suffix = _did_you_mean(type_name, BLOCKS.names()) if isinstance(type_name, str) else ""
+                suffix = did_you_mean(type_name, BLOCKS.names()) if isinstance(type_name, str) else ""
                 message = "is required" if "type" not in block else f"must be one of {list(BLOCKS.names())}, got {_short(type_name)}{suffix}"
                 problems.append(Problem(f"{where}.type", message))
                 continue
@@ -455,11 +487,17 @@ def _check_blocks(data: dict[str, Any]) -> list[Problem]:
                 problems.append(Problem(f"{where}.type", f"{type_name!r} is listed twice in this stage; merge its choices"))
             seen_types.add(type_name)
             if modality is not None and modality not in entry.modalities:
-                problems.append(Problem(f"{where}.type", f"{type_name!r} works on {sorted(entry.modalities)} inputs, but task.dataset is {'an image' if modality == 'image' else 'a sequence'} dataset"))
+                problems.append(
+                    Problem(
+                        f"{where}.type",
+                        f"{type_name!r} works on {sorted(entry.modalities)} inputs, "
+                        f"but task.dataset is {'an image' if modality == 'image' else 'a sequence'} dataset",
+                    )
+                )
             rules = entry.rules
             for key in block:
                 if key != "type" and key not in rules:
-                    problems.append(Problem(f"{where}.{key}", f"unknown field of {type_name!r}; its fields: {list(rules)}{_did_you_mean(key, rules)}"))
+                    problems.append(Problem(f"{where}.{key}", f"unknown field of {type_name!r}; its fields: {list(rules)}{did_you_mean(key, rules)}"))
             for name, rule in rules.items():
                 if name not in block:
                     problems.append(Problem(f"{where}.{name}", f"is required ({type(rule).__name__.removesuffix('Rule').lower()} choices)"))
@@ -507,22 +545,80 @@ def _section(data: dict[str, Any], name: str) -> Any:
     return data.get(name, {}) if name in ("head", "training") else data.get(name)
 
 
-def _check_semantics(data: dict[str, Any]) -> list[Problem]:
+def _check_targets(data: dict[str, Any]) -> list[Problem]:
+    """``search.sampler`` names a registered sampler, ``search.targets`` and the keys of
+    ``search.constraints.latency_ms`` registered latency targets (built-in or registered by a plugin)."""
     problems: list[Problem] = []
-    task = data.get("task")
-    datasets = IMAGE_DATASETS + SEQUENCE_DATASETS
-    dataset = _field(TaskModel, task, "dataset")
-    if dataset is not _INVALID and dataset not in datasets:
-        problems.append(Problem("task.dataset", f"must be one of {list(datasets)}, got {dataset!r}{_did_you_mean(dataset, datasets)}"))
-    for section, model_class in (("stem", StemModel), ("head", HeadModel)):
-        name = _field(model_class, _section(data, section), "activation")
-        if name is not _INVALID and name not in ACTIVATIONS:
-            problems.append(Problem(f"{section}.activation", f"must be one of {sorted(ACTIVATIONS)}, got {name!r}{_did_you_mean(name, ACTIVATIONS)}"))
+    search = data.get("search")
+    if not isinstance(search, dict):
+        return problems
+    sampler = search.get("sampler")
+    if isinstance(sampler, str) and (problem := SAMPLERS.problem(sampler)) is not None:
+        problems.append(Problem("search.sampler", problem))
+    targets = search.get("targets")
+    for index, name in enumerate(targets if isinstance(targets, list) else []):
+        problem = TARGETS.problem(name) if isinstance(name, str) else None
+        if problem is not None:
+            problems.append(Problem(f"search.targets[{index}]", problem))
+    constraints = search.get("constraints")
+    limits = constraints.get("latency_ms") if isinstance(constraints, dict) else None
+    for name in limits if isinstance(limits, dict) else {}:
+        problem = TARGETS.problem(name) if isinstance(name, str) else None
+        if problem is not None:
+            problems.append(Problem(f"search.constraints.latency_ms.{name}", problem))
+    return problems
+
+
+def _check_training(data: dict[str, Any]) -> list[Problem]:
+    """``training.strategy`` and ``training.optimizer`` name known ones; every key of ``training:`` beyond the
+    common ones is an option of that strategy, validated by its options model and its ``check_options``."""
+    problems: list[Problem] = []
     training = _section(data, "training")
     for key, allowed in (("strategy", STRATEGIES.names()), ("optimizer", OPTIMIZERS)):
         value = _field(TrainingModel, training, key)
         if value is not _INVALID and value not in allowed:
-            problems.append(Problem(f"training.{key}", f"must be one of {list(allowed)}, got {value!r}{_did_you_mean(value, allowed)}"))
+            problems.append(Problem(f"training.{key}", f"must be one of {list(allowed)}, got {value!r}{did_you_mean(value, allowed)}"))
+    strategy = _field(TrainingModel, training, "strategy")
+    if not isinstance(training, dict) or strategy is _INVALID or strategy not in STRATEGIES:
+        return problems
+    entry = STRATEGIES.get(strategy)
+    common = set(TrainingModel.model_fields)
+    own = entry.options_type.model_fields
+    clash = sorted(common & set(own))
+    if clash:
+        message = f"strategy {strategy!r} ({entry.__module__}) declares options {clash} that are common training keys; its options need names of their own"
+        return [*problems, Problem("training.strategy", message)]
+    options = {}
+    for key, value in training.items():
+        if key in own:
+            options[key] = value
+        elif key not in common and isinstance(key, str):
+            owners = [name for name, other in STRATEGIES.items() if key in other.options_type.model_fields]
+            note = f" (it is an option of {owners})" if owners else ""
+            listing = f"options of {strategy!r}: {sorted(own)}, common keys: {sorted(common)}"
+            problems.append(Problem(f"training.{key}", f"unknown key for strategy {strategy!r}{note}; {listing}{did_you_mean(key, [*own, *common])}"))
+    try:
+        validated = entry.options_type.model_validate(options)
+    except ValidationError as error:
+        return problems + _pydantic_problems(data, [{**item, "loc": ("training", *item["loc"])} for item in error.errors()])
+    epochs = _field(TrainingModel, training, "epochs")
+    if epochs is not _INVALID:
+        problems += [Problem(f"training.{key}", message) for key, message in entry.check_options(validated, epochs=epochs)]
+    return problems
+
+
+def _check_semantics(data: dict[str, Any]) -> list[Problem]:
+    problems: list[Problem] = []
+    task = data.get("task")
+    dataset = _field(TaskModel, task, "dataset")
+    dataset_problem = DATASETS.problem(dataset) if dataset is not _INVALID else None
+    if dataset_problem is not None:
+        problems.append(Problem("task.dataset", dataset_problem))
+    for section, model_class in (("stem", StemModel), ("head", HeadModel)):
+        name = _field(model_class, _section(data, section), "activation")
+        if name is not _INVALID and name not in ACTIVATIONS:
+            problems.append(Problem(f"{section}.activation", f"must be one of {sorted(ACTIVATIONS)}, got {name!r}{did_you_mean(name, ACTIVATIONS)}"))
+    problems += _check_training(data)
     modality = _modality(data)
     stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     for index, stage in enumerate(stages):
@@ -557,13 +653,16 @@ def _check_sequence_task(data: dict[str, Any]) -> list[Problem]:
             if length > input_shape[0]:
                 where = f"sequence_length[{index}]" if isinstance(lengths, list) else "sequence_length"
                 problems.append(Problem(where, f"must be at most task.input_shape[0] = {input_shape[0]}, got {length}"))
-    for key in ("vocab_size", "num_kv_pairs"):
+    dataset = _field(TaskModel, task, "dataset")
+    entry = DATASETS.get(dataset) if dataset is not _INVALID and dataset in DATASETS else None
+    owner = f"the {dataset} dataset" if entry is not None else "a sequence task"
+    for key in dict.fromkeys(("vocab_size", *(entry.requires if entry is not None else ()))):
         if isinstance(task, dict) and task.get(key) is None:
-            problems.append(Problem(f"task.{key}", "is required for the mqar dataset"))
+            problems.append(Problem(f"task.{key}", f"is required for {owner}"))
     vocab_size = _field(TaskModel, task, "vocab_size")
     num_classes = _field(TaskModel, task, "num_classes")
     if vocab_size not in (None, _INVALID) and num_classes is not _INVALID and num_classes != vocab_size:
-        problems.append(Problem("task.num_classes", f"must equal task.vocab_size ({vocab_size}) for mqar, got {num_classes}"))
+        problems.append(Problem("task.num_classes", f"must equal task.vocab_size ({vocab_size}) for {owner}, got {num_classes}"))
     return problems
 
 
@@ -577,16 +676,15 @@ def _check_image_task(data: dict[str, Any]) -> list[Problem]:
     if input_shape is not _INVALID and len(input_shape) != 3:
         problems.append(Problem("task.input_shape", f"must be [channels, height, width] for an image task, got {list(input_shape)}"))
         input_shape = _INVALID
-    if isinstance(task, dict) and dataset in ("image_folder", "npz") and not _field(TaskModel, task, "path"):
-        problems.append(Problem("task.path", f"is required for the {dataset} dataset"))
-    known = {"digits": (1, 10), "mnist": (1, 10), "fashion_mnist": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}
+    entry = DATASETS.get(dataset) if dataset is not _INVALID and dataset in DATASETS else None
+    for key in entry.requires if entry is not None and isinstance(task, dict) else ():
+        if not _field(TaskModel, task, key):
+            problems.append(Problem(f"task.{key}", f"is required for the {dataset} dataset"))
     num_classes = _field(TaskModel, task, "num_classes")
-    if dataset in known:
-        channels, classes = known[dataset]
-        if input_shape is not _INVALID and input_shape[0] != channels:
-            problems.append(Problem("task.input_shape[0]", f"{dataset} has {channels} channel(s), got {input_shape[0]}"))
-        if num_classes is not _INVALID and num_classes != classes:
-            problems.append(Problem("task.num_classes", f"{dataset} has {classes} classes, got {num_classes}"))
+    if entry is not None and entry.channels is not None and input_shape is not _INVALID and input_shape[0] != entry.channels:
+        problems.append(Problem("task.input_shape[0]", f"{dataset} has {entry.channels} channel(s), got {input_shape[0]}"))
+    if entry is not None and entry.num_classes is not None and num_classes is not _INVALID and num_classes != entry.num_classes:
+        problems.append(Problem("task.num_classes", f"{dataset} has {entry.num_classes} classes, got {num_classes}"))
     if data.get("resolution") is None:
         problems.append(Problem("resolution", "is required for an image task (one resolution or a list of choices)"))
         return problems
@@ -608,7 +706,7 @@ def _check_image_task(data: dict[str, Any]) -> list[Problem]:
 
 def _build(model: SpaceModel, source: str, text: str) -> RunConfig:
     task = model.task
-    sequence = task.dataset in SEQUENCE_DATASETS
+    sequence = DATASETS.get(task.dataset).modality == "sequence"
     stages = []
     for stage in model.stages:
         blocks = []
@@ -632,4 +730,3 @@ def _build(model: SpaceModel, source: str, text: str) -> RunConfig:
 
 
 __all__ = ["ConfigError", "Problem", "RunConfig", "SearchModel", "TaskModel", "TrainingModel", "builtin_spaces", "load_config", "parse_config", "resolve_space"]
-

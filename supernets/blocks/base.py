@@ -149,9 +149,7 @@ BLOCKS: Registry[BlockType] = Registry("block type", discover="nas.supernets.blo
 block file registers itself with no list to edit."""
 
 
-def register_block(
-    name: str, *, config: type, static: type[nn.Module], modalities: tuple[str, ...], reshapes: bool
-) -> Any:
+def register_block(name: str, *, config: type, static: type[nn.Module], modalities: tuple[str, ...], reshapes: bool) -> Any:
     """Class decorator registering an ``ElasticBlock`` under ``name`` (used as ``type: name`` in YAML).
 
     ``reshapes``: the block can change width and apply the stage stride itself (MBConv). Blocks that cannot
@@ -215,7 +213,7 @@ class BlockChoices:
         """Every config these choices allow."""
         names = [name for name, _ in self.fields]
         for values in itertools.product(*(values for _, values in self.fields)):
-            yield self.entry.config_class(**dict(zip(names, values)))
+            yield self.entry.config_class(**dict(zip(names, values, strict=True)))
 
     def largest(self) -> Any:
         rules = self.entry.rules

@@ -74,9 +74,7 @@ def gla_mix(
 
     # logsigmoid(x) written as -softplus(-x): ONNX exports logsigmoid as Log(Sigmoid(x)), which is -inf for x < -20.
     log_forget = -F.softplus(-split(forget, config.key_dim)) / GATE_TEMPERATURE
-    heads, _ = gated_linear_attention(
-        split(query, config.key_dim), split(key, config.key_dim), split(value, config.value_dim), log_forget
-    )
+    heads, _ = gated_linear_attention(split(query, config.key_dim), split(key, config.key_dim), split(value, config.value_dim), log_forget)
     return head_norm(heads.transpose(1, 2)).flatten(2) * F.silu(output_gate)
 
 

@@ -8,6 +8,7 @@ when the stride is 1 and the input and output widths match.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,7 @@ class MBConvConfig:
 
     kernel_size: int = choice(IntRule(1, 11, odd=True), "depthwise kernel size")
     expand_ratio: float = choice(FloatRule(1, 12), "hidden width / input width; 1 means no expansion conv")
-    activation: str = choice(
-        OptionRule(("relu", "relu6", "hard_swish", "silu")), "activation after expansion and depthwise conv"
-    )
+    activation: str = choice(OptionRule(("relu", "relu6", "hard_swish", "silu")), "activation after expansion and depthwise conv")
     squeeze_excite: bool = choice(BoolRule(), "squeeze-and-excitation after the depthwise conv")
 
 
@@ -168,11 +167,13 @@ class ElasticMBConv(ElasticBlock):
         activation = self.activations[config.activation]
         out = x
         if config.expand_ratio != 1:
+            assert self.expand_conv is not None and self.expand_norm is not None, "set_active admits expand_ratio != 1 only when it is among the choices"
             out = self.expand_conv(out, self.in_channels, hidden, 1)
             out = activation(self.expand_norm(out, hidden))
         out = self.depthwise_conv(out, hidden, hidden, config.kernel_size)
         out = activation(self.depthwise_norm(out, hidden))
         if config.squeeze_excite:
+            assert self.se_reduce is not None and self.se_expand is not None, "set_active admits squeeze_excite only when it is among the choices"
             squeezed = squeeze_channels(hidden)
             scale = out.mean((2, 3), keepdim=True)
             scale = F.relu(self.se_reduce(scale, hidden, squeezed, 1))
@@ -188,17 +189,19 @@ class ElasticMBConv(ElasticBlock):
         hidden = self.hidden
         parts: dict[str, nn.Module] = {}
         if config.expand_ratio != 1:
+            assert self.expand_conv is not None and self.expand_norm is not None, "set_active admits expand_ratio != 1 only when it is among the choices"
             parts["expand.0"] = self.expand_conv.export(self.in_channels, hidden, 1)
             parts["expand.1"] = self.expand_norm.export(hidden)
         parts["depthwise.0"] = self.depthwise_conv.export(hidden, hidden, config.kernel_size)
         parts["depthwise.1"] = self.depthwise_norm.export(hidden)
         if config.squeeze_excite:
+            assert self.se_reduce is not None and self.se_expand is not None, "set_active admits squeeze_excite only when it is among the choices"
             squeezed = squeeze_channels(hidden)
             parts["squeeze_excite.reduce"] = self.se_reduce.export(hidden, squeezed, 1)
             parts["squeeze_excite.expand"] = self.se_expand.export(squeezed, hidden, 1)
         parts["project.0"] = self.project_conv.export(hidden, self.out_channels, 1)
         parts["project.1"] = self.project_norm.export(self.out_channels)
-        return self.build_static(parts)
+        return cast(MBConv, self.build_static(parts))
 
 
 __all__ = ["ElasticMBConv", "MBConv", "MBConvConfig", "SqueezeExcitation", "squeeze_channels"]

@@ -172,7 +172,7 @@ class MetaFormerBlock(nn.Module):
     Subclasses set ``token_mixer_class``, constructed as ``token_mixer_class(config, context)``.
     """
 
-    token_mixer_class: ClassVar[Callable[[Any, BlockContext], nn.Module]]
+    token_mixer_class: ClassVar[type[nn.Module]]
 
     def __init__(self, config: Any, context: BlockContext) -> None:
         super().__init__()
@@ -213,10 +213,7 @@ class ElasticMetaFormerBlock(ElasticBlock):
     def set_active(self, config: Any, in_channels: int, out_channels: int) -> None:
         """Activate ``config``; raises ``ValueError`` on a value outside the choices or when widths differ."""
         if in_channels != out_channels:
-            raise ValueError(
-                f"{self.block_type} keeps its width: in_channels must equal out_channels, "
-                f"got {in_channels} and {out_channels}"
-            )
+            raise ValueError(f"{self.block_type} keeps its width: in_channels must equal out_channels, got {in_channels} and {out_channels}")
         super().set_active(config, in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,9 +299,7 @@ class GatedSelfAttention(nn.Module):
         self.output = nn.Linear(width, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = gated_softmax_attention(
-            self.query(x), self.key(x), self.value(x), self.gate(x), self.num_heads, self.head_dim, self.causal
-        )
+        heads = gated_softmax_attention(self.query(x), self.key(x), self.value(x), self.gate(x), self.num_heads, self.head_dim, self.causal)
         return self.output(heads)
 
 
@@ -358,9 +353,7 @@ class GatedAttention(MetaFormerBlock):
     token_mixer_class = GatedSelfAttention
 
 
-@register_block(
-    "gated_attention", config=GatedAttentionConfig, static=GatedAttention, modalities=("image", "sequence"), reshapes=False
-)
+@register_block("gated_attention", config=GatedAttentionConfig, static=GatedAttention, modalities=("image", "sequence"), reshapes=False)
 class ElasticGatedAttention(ElasticMetaFormerBlock):
     """Elastic gated attention block: heads, head_dim, ffn kind, mlp_ratio and activation are elastic."""
 

@@ -80,7 +80,7 @@ def outputs_and_gradients(
     state_cotangent = torch.randn(final_state.shape, generator=generator, dtype=torch.float64).to(final_state.dtype)
     loss = (o * o_cotangent).sum() + (final_state * state_cotangent).sum()
     gradients = torch.autograd.grad(loss, list(leaves.values()))
-    return o.detach(), final_state.detach(), dict(zip(names, gradients))
+    return o.detach(), final_state.detach(), dict(zip(names, gradients, strict=False))
 
 
 def assert_all_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, label: str) -> None:
@@ -108,9 +108,7 @@ def test_chunk_equals_recurrent_forward_and_gradients(length: int, chunk_size: i
 def test_chunk_is_stable_under_strong_and_weak_decay(gate: str, dtype: torch.dtype) -> None:
     inputs = make_inputs(33, gate=gate)
     expected = outputs_and_gradients(recurrent_gla, inputs, True)
-    actual = outputs_and_gradients(
-        chunk_gla, {name: tensor.to(dtype) for name, tensor in inputs.items()}, True, chunk_size=16
-    )
+    actual = outputs_and_gradients(chunk_gla, {name: tensor.to(dtype) for name, tensor in inputs.items()}, True, chunk_size=16)
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4
     assert_all_close(actual[0], expected[0], tolerance, "o")
     assert_all_close(actual[1], expected[1], tolerance, "final_state")
@@ -143,9 +141,7 @@ def test_half_precision_inputs_compute_in_float32() -> None:
         output_final_state=True,
     )  # fmt: skip
     assert o.dtype == torch.bfloat16 and final_state.dtype == torch.float32
-    expected, _ = recurrent_gla(
-        *(inputs[name].float() for name in ("q", "k", "v", "g")), initial_state=inputs["initial_state"].float()
-    )
+    expected, _ = recurrent_gla(*(inputs[name].float() for name in ("q", "k", "v", "g")), initial_state=inputs["initial_state"].float())
     torch.testing.assert_close(o.float(), expected, rtol=2e-2, atol=2e-2)
 
 
@@ -192,17 +188,13 @@ class _GatedLinearAttentionModule(torch.nn.Module):
 
     def forward(self, q, k, v, g, initial_state):
         if self.through_dispatcher:
-            return gated_linear_attention(
-                q, k, v, g, chunk_size=16, initial_state=initial_state, output_final_state=True
-            )
+            return gated_linear_attention(q, k, v, g, chunk_size=16, initial_state=initial_state, output_final_state=True)
         return chunk_gla(q, k, v, g, chunk_size=8, initial_state=initial_state, output_final_state=True)
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
 @pytest.mark.parametrize("through_dispatcher", [False, True], ids=["chunk_gla", "gated_linear_attention"])
-def test_onnx_export_matches_pytorch_with_dynamic_batch(
-    tmp_path: Path, through_dispatcher: bool, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_onnx_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, through_dispatcher: bool, caplog: pytest.LogCaptureFixture) -> None:
     """TorchScript exporter (dynamo=False): the dynamo exporter also works but takes ~10 s for this graph."""
     onnxruntime = pytest.importorskip("onnxruntime")
     names = ["q", "k", "v", "g", "initial_state"]
@@ -223,7 +215,7 @@ def test_onnx_export_matches_pytorch_with_dynamic_batch(
     onnx_outputs = session.run(None, {name: run_inputs[name].numpy() for name in names})
     with torch.no_grad():
         torch_outputs = module(*(run_inputs[name] for name in names))
-    for onnx_output, torch_output in zip(onnx_outputs, torch_outputs):
+    for onnx_output, torch_output in zip(onnx_outputs, torch_outputs, strict=False):
         assert onnx_output.shape == tuple(torch_output.shape)
         np.testing.assert_allclose(onnx_output, torch_output.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -236,7 +228,11 @@ def test_dispatcher_on_cpu_falls_back_and_logs_once(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.INFO, logger="nas.kernels.gla"):
         results = [
             gated_linear_attention(
-                inputs["q"], inputs["k"], inputs["v"], inputs["g"], initial_state=inputs["initial_state"],
+                inputs["q"],
+                inputs["k"],
+                inputs["v"],
+                inputs["g"],
+                initial_state=inputs["initial_state"],
                 output_final_state=True,
             )  # fmt: skip
             for _ in range(3)
@@ -356,9 +352,7 @@ def test_interpreted_triton_matches_reference(
 
 
 @requires_interpreter
-def test_interpreted_triton_gradient_through_final_state_only(
-    interpreted_triton: ModuleType, nan_buffers: None, no_overflow: None
-) -> None:
+def test_interpreted_triton_gradient_through_final_state_only(interpreted_triton: ModuleType, nan_buffers: None, no_overflow: None) -> None:
     inputs = make_inputs(19, batch=1)
     gradients = []
     for function, dtype in ((chunk_gla, torch.float64), (interpreted_triton.chunk_gla_triton, torch.float32)):
@@ -367,7 +361,7 @@ def test_interpreted_triton_gradient_through_final_state_only(
         _, final_state = function(*leaves[:4], initial_state=leaves[4], output_final_state=True)
         final_state.sum().backward()
         gradients.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves])
-    for name, expected, actual in zip(("q", "k", "v", "g", "initial_state"), *gradients):
+    for name, expected, actual in zip(("q", "k", "v", "g", "initial_state"), *gradients, strict=False):
         assert_all_close(actual, expected, 1e-4, f"d{name}")
     assert gradients[1][0].abs().max() == 0.0
 
@@ -377,9 +371,7 @@ def test_interpreted_triton_gradient_through_final_state_only(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(TRITON_INTERPRETED, reason="TRITON_INTERPRET=1 is set; the compiled kernels are not in use")
 @pytest.mark.parametrize(("length", "key_dim", "value_dim", "chunk_size"), [(33, 5, 3, 16), (300, 64, 128, 32)])
-def test_dispatcher_uses_triton_on_cuda(
-    monkeypatch: pytest.MonkeyPatch, length: int, key_dim: int, value_dim: int, chunk_size: int
-) -> None:
+def test_dispatcher_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch, length: int, key_dim: int, value_dim: int, chunk_size: int) -> None:
     from nas.kernels.gla import triton as compiled_triton
 
     def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

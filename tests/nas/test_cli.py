@@ -106,7 +106,10 @@ def parse_info(stdout: str) -> dict[str, Any]:
     params = re.search(r"^parameters\s+([\d,]+) \.\. ([\d,]+)$", stdout, re.MULTILINE)
     macs = re.search(r"^MACs\s+([\d,]+) \.\. ([\d,]+)", stdout, re.MULTILINE)
     assert subnets and params and macs, stdout
-    number = lambda text: int(text.replace(",", ""))
+
+    def number(text):
+        return int(text.replace(",", ""))
+
     assert number(subnets.group(1)) == int(subnets.group(2))
     _, _, arch_json = stdout.partition("sampled arch (seed ")
     return {
@@ -208,7 +211,9 @@ def test_bad_files_give_one_clear_message(capsys: pytest.CaptureFixture[str], tm
     ("target", "needle"),
     [("missing.yaml", "no such file"), ("folder", "is a directory"), ("digits_quik", "did you mean 'digits_quick'?")],
 )
-def test_bad_targets_give_one_clear_message(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, needle: str) -> None:
+def test_bad_targets_give_one_clear_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, needle: str
+) -> None:
     (tmp_path / "folder").mkdir()
     monkeypatch.chdir(tmp_path)
     code, out, err = call(capsys, "validate", target)

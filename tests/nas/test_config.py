@@ -213,7 +213,9 @@ def billion_laughs(levels: int = 9, width: int = 10) -> str:
     for level in range(1, levels):
         lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
     top = f"*l{levels - 1}"
-    lines.append(f"stages: [{{depth: 1, width: 8, blocks: [{{type: mbconv, kernel_size: {top}, expand_ratio: {top}, activation: {top}, squeeze_excite: {top}}}]}}]")
+    lines.append(
+        f"stages: [{{depth: 1, width: 8, blocks: [{{type: mbconv, kernel_size: {top}, expand_ratio: {top}, activation: {top}, squeeze_excite: {top}}}]}}]"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -240,11 +242,13 @@ def test_alias_bombs_and_cycles_are_rejected_quickly() -> None:
         ("a: &a {b: *a}\n", "nested more than"),
         ("name: x\nstages: &s [{depth: 1, width: 8, blocks: *s}]\n", "nested more than"),
     ]
-    result = subprocess.run([sys.executable, "-c", ISOLATED], check=False, input=json.dumps([text for text, _ in cases]), capture_output=True, text=True, timeout=90)
+    result = subprocess.run(
+        [sys.executable, "-c", ISOLATED], check=False, input=json.dumps([text for text, _ in cases]), capture_output=True, text=True, timeout=90
+    )
     assert result.returncode == 0, result.stderr
     outcomes = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(outcomes) == len(cases)
-    for (message, seconds), (_, needle) in zip(outcomes, cases):
+    for (message, seconds), (_, needle) in zip(outcomes, cases, strict=False):
         assert needle in message and "1 problem(s)" in message, message
         assert seconds < 10
 
@@ -266,7 +270,13 @@ def test_too_many_problems_are_summarised_in_the_message() -> None:
 
 def test_absurdly_large_space_is_rejected_instead_of_overflowing() -> None:
     choices = ", ".join(str(1 + index / 8) for index in range(80))
-    stage = {"depth": 64, "width": 8, "blocks": [{"type": "mbconv", "kernel_size": [3, 5, 7], "expand_ratio": yaml.safe_load(f"[{choices}]"), "activation": "relu", "squeeze_excite": [False, True]}]}
+    stage = {
+        "depth": 64,
+        "width": 8,
+        "blocks": [
+            {"type": "mbconv", "kernel_size": [3, 5, 7], "expand_ratio": yaml.safe_load(f"[{choices}]"), "activation": "relu", "squeeze_excite": [False, True]}
+        ],
+    }
     found = problems_of(with_changes(VALID, lambda d: d.update(stages=[stage] * 10, resolution=8, stem={"channels": 8, "stride": 1})))
     assert "subnets" in found[""]
 
@@ -295,8 +305,40 @@ def test_load_config_file_problems(tmp_path: Path) -> None:
             load_config(strange)
 
 
-VALUES: list[Any] = [None, True, False, 0, -1, 1, 2, 3, 7, 10**30, -(10**30), 1.5, float("nan"), float("inf"), "", "x", "relu", "mbconv", "gla",
-                     "digits", "mqar", [], [1], [1, 1], [3, 5], ["a"], [[1]], {}, {"a": 1}, {"type": "mbconv"}, [None], [{}]]
+VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    3,
+    7,
+    10**30,
+    -(10**30),
+    1.5,
+    float("nan"),
+    float("inf"),
+    "",
+    "x",
+    "relu",
+    "mbconv",
+    "gla",
+    "digits",
+    "mqar",
+    [],
+    [1],
+    [1, 1],
+    [3, 5],
+    ["a"],
+    [[1]],
+    {},
+    {"a": 1},
+    {"type": "mbconv"},
+    [None],
+    [{}],
+]
 
 
 def _paths(node: Any, prefix: tuple = ()):
@@ -380,12 +422,7 @@ def enumerate_archs(space: SearchSpace) -> set[Arch]:
     per_stage = []
     for stage in space.stages:
         configs = [config for choices in stage.blocks for config in choices.configs()]
-        options = [
-            StageArch(width, blocks)
-            for width in stage.widths
-            for depth in stage.depths
-            for blocks in itertools.product(configs, repeat=depth)
-        ]
+        options = [StageArch(width, blocks) for width in stage.widths for depth in stage.depths for blocks in itertools.product(configs, repeat=depth)]
         per_stage.append(options)
     for size in space.input_sizes:
         for stages in itertools.product(*per_stage):

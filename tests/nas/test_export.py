@@ -251,9 +251,7 @@ def test_int8_digits_keeps_predictions_and_wraps_convs(tmp_path: Path) -> None:
         accuracy = (model(images[val]).argmax(-1) == labels[val]).float().mean().item()
     assert accuracy > 0.8, f"the tiny digits model did not learn (val accuracy {accuracy:.3f})"
 
-    result = export_subnet(
-        model, arch, space.name, tmp_path / "out", calibration=images[train][:256], validation=images[val], int8=True
-    )
+    result = export_subnet(model, arch, space.name, tmp_path / "out", calibration=images[train][:256], validation=images[val], int8=True)
 
     assert result.path == tmp_path / "out" / "model.onnx"
     assert result.int8_path == tmp_path / "out" / "model.int8.onnx"
@@ -281,17 +279,13 @@ def test_int8_digits_keeps_predictions_and_wraps_convs(tmp_path: Path) -> None:
 def test_int8_leaves_attention_matmuls_in_float(tmp_path: Path) -> None:
     space, arch, model = sequence_subnet(11)
     train_previous_token(model, space.in_channels, arch.sequence_length, steps=100, seed=11)
-    fp32 = export_onnx(
-        model, example_inputs(space, arch, 2, 0), tmp_path / "model.onnx", arch=arch, space_name=space.name
-    ).path
+    fp32 = export_onnx(model, example_inputs(space, arch, 2, 0), tmp_path / "model.onnx", arch=arch, space_name=space.name).path
     fp32_model = onnx.load(str(fp32))
     to_quantize, to_exclude = quantizable_nodes(fp32_model)
     by_name = {node.name: node for node in fp32_model.graph.node}
     # Weight ops only: the projections (MatMul) and the sequence stem's causal short convolution (Conv).
     assert {by_name[name].op_type for name in to_quantize} == {"MatMul", "Conv"}
-    assert [by_name[name] for name in to_quantize if by_name[name].op_type == "Conv"][0].input[1] in {
-        tensor.name for tensor in fp32_model.graph.initializer
-    }
+    assert [by_name[name] for name in to_quantize if by_name[name].op_type == "Conv"][0].input[1] in {tensor.name for tensor in fp32_model.graph.initializer}
     assert {"MatMul", "Softmax", "LayerNormalization", "Sigmoid"} <= {by_name[name].op_type for name in to_exclude}
 
     result = quantize_int8(

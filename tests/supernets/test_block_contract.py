@@ -16,7 +16,6 @@ from nas.supernets.elastic import count_parameters
 from tests.helpers import randomise_batch_norm
 
 
-
 def two_choices(rule) -> tuple:
     """Two small valid values of any field rule."""
     if isinstance(rule, IntRule):
@@ -47,7 +46,13 @@ def onnx_output(module: torch.nn.Module, x: torch.Tensor, batch: torch.Tensor) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (x,), buffer, dynamo=False, opset_version=17, input_names=["input"], output_names=["output"],
+            module,
+            (x,),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["output"],
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
         )
     options = ort.SessionOptions()

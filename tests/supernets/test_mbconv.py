@@ -75,9 +75,7 @@ def cases() -> list[tuple[tuple[int, int, int], MBConvConfig, int, int]]:
 
 
 @pytest.mark.parametrize(("context", "config", "active_in", "active_out"), cases())
-def test_elastic_equals_extracted(
-    context: tuple[int, int, int], config: MBConvConfig, active_in: int, active_out: int
-) -> None:
+def test_elastic_equals_extracted(context: tuple[int, int, int], config: MBConvConfig, active_in: int, active_out: int) -> None:
     generator = torch.Generator().manual_seed(1)
     block = build(*context)
     randomize(block, generator)
@@ -94,9 +92,7 @@ def test_elastic_equals_extracted(
 
     fresh = MBConv(config, BlockContext("image", active_in, active_out, context[2]))
     assert count_parameters(static) == count_parameters(fresh)
-    assert {key: value.shape for key, value in static.state_dict().items()} == {
-        key: value.shape for key, value in fresh.state_dict().items()
-    }
+    assert {key: value.shape for key, value in static.state_dict().items()} == {key: value.shape for key, value in fresh.state_dict().items()}
     assert static.use_residual == (context[2] == 1 and active_in == active_out)
 
     assert storages(static).isdisjoint(storages(block))
@@ -222,9 +218,7 @@ def inverted_residual_parameters(in_channels: int, out_channels: int, expand_rat
         (160, 320, 1, 6, 473920),  # features[17]
     ],
 )
-def test_parameter_count_matches_mobilenet_v2(
-    in_channels: int, out_channels: int, stride: int, expand_ratio: int, expected: int
-) -> None:
+def test_parameter_count_matches_mobilenet_v2(in_channels: int, out_channels: int, stride: int, expand_ratio: int, expected: int) -> None:
     assert inverted_residual_parameters(in_channels, out_channels, expand_ratio) == expected
     config = MBConvConfig(kernel_size=3, expand_ratio=expand_ratio, activation="relu6", squeeze_excite=False)
     block = MBConv(config, BlockContext("image", in_channels, out_channels, stride))

@@ -143,9 +143,7 @@ def test_ffn_kinds() -> None:
     x = torch.randn(4, 16)
     expected = glu.down(F.relu(glu.gate(x)) * glu.up(x))
     torch.testing.assert_close(glu(x), expected)
-    only_mlp = ElasticGatedAttention(
-        BlockContext("sequence", 16, 16), BlockChoices.build("gated_attention", {**FIELDS, "ffn": ("mlp",)})
-    )
+    only_mlp = ElasticGatedAttention(BlockContext("sequence", 16, 16), BlockChoices.build("gated_attention", {**FIELDS, "ffn": ("mlp",)}))
     assert only_mlp.ffn.gate is None
 
 
