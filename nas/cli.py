@@ -1,13 +1,13 @@
 """The ``nas`` command. It owns the terminal: tables, progress bars and exit codes.
 
 Exit codes: 0 success, 1 a check failed (export parity, INT8 agreement), 2 bad input (space file, arch, data,
-run directory), 130 interrupted.
+run directory, a run directory in use by another process), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import nas
+from nas import jsonio
 from nas.run_dir import RunDir
+from nas.run_lock import RunLock
 from nas.search.samplers import SAMPLERS
 
 logger = logging.getLogger("nas")
@@ -76,7 +78,7 @@ def command_space_info(args: argparse.Namespace) -> int:
         print(f"stage {index}        depth {list(stage.depths)} width {list(stage.widths)} stride {stage.stride}: {types}")
     arch = space.sample(np.random.default_rng(args.seed))
     print(f"sampled arch (seed {args.seed}):")
-    print(json.dumps(arch.to_dict(), indent=1))
+    print(jsonio.dumps(arch.to_dict(), indent=1))
     return 0
 
 
@@ -84,6 +86,7 @@ def command_train(args: argparse.Namespace) -> int:
     from nas.training.loop import train
 
     config = _load_config(args.space)
+    args.held.enter_context(RunLock(Path(args.out)))
     result = train(config, Path(args.out), resume=args.resume, progress=_progress_factory())
     _print_metrics(result.metrics)
     print(f"run directory: {result.run_dir}")
@@ -110,7 +113,7 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def _export_from_study(args: argparse.Namespace) -> int:
-    from nas.report.writers import export_trials, front_trials
+    from nas.report.writers import export_fronts, export_trials, front_trials
     from nas.search.study import load_study
 
     run_dir = Path(args.run_dir)
@@ -124,7 +127,11 @@ def _export_from_study(args: argparse.Namespace) -> int:
         trials = list(front_trials(study).values())
         if not trials:
             raise UsageError(f"{run_dir}: the search has no feasible completed trial yet")
-    exports = export_trials(run_dir, trials, int8=args.int8, out_root=Path(args.out) if args.out else None, progress=_progress_factory())
+    out_root = Path(args.out) if args.out else None
+    if args.trial is not None:
+        exports = export_trials(run_dir, trials, int8=args.int8, out_root=out_root, progress=_progress_factory())
+    else:
+        exports = export_fronts(run_dir, study, int8=args.int8, out_root=out_root, progress=_progress_factory())
     failures = 0
     for export in exports.values():
         if export.report is None:
@@ -147,7 +154,7 @@ def _print_export(report: Any) -> None:
 def command_run(args: argparse.Namespace) -> int:
     import time
 
-    from nas.report.writers import export_trials, front_trials, op_type_comparison, write_outputs
+    from nas.report.writers import export_fronts, front_trials, op_type_comparison, write_outputs
     from nas.search.loop import run_search
     from nas.search.settings import SearchSettings
     from nas.training.loop import train
@@ -158,6 +165,7 @@ def command_run(args: argparse.Namespace) -> int:
     settings = SearchSettings.from_config(
         config.search, trials=args.trials, sampler=args.sampler, targets=targets, workers=args.workers, address=args.address, seed=args.seed
     )
+    args.held.enter_context(RunLock(out))
     elapsed: dict[str, float] = {}
     started = time.perf_counter()
     resume = args.resume or RunDir(out).checkpoint.exists()
@@ -173,7 +181,7 @@ def command_run(args: argparse.Namespace) -> int:
     front = list(front_trials(search.study).values())
     print(f"[3/3] export: {len(front)} front member(s) to {out / 'pareto'}", file=sys.stderr)
     started = time.perf_counter()
-    exports = export_trials(out, front, int8=not args.no_int8, progress=_progress_factory()) if not args.no_export else {}
+    exports = export_fronts(out, search.study, int8=not args.no_int8, progress=_progress_factory()) if not args.no_export else {}
     cpu_targets = {"cpu_fp32", "cpu_int8"} <= set(settings.targets)
     op_types = op_type_comparison(list(exports.values())) if exports and cpu_targets and not args.no_int8 else []
     elapsed["export"] = time.perf_counter() - started
@@ -241,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code. A command that writes into a run folder holds that folder's lock for
+    its whole length by entering it into ``args.held`` (an ``ExitStack`` closed when the command returns); a folder
+    another process holds is refused at once (exit 2, naming the holder)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -248,17 +259,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nas.data.splits import DataError
     from nas.export.onnx import ExportError
     from nas.latency.targets import LatencyError
+    from nas.run_lock import RunBusyError
     from nas.search.evaluators import EvaluatorStartError
+    from nas.search.journal import JournalError
     from nas.space.schema import ConfigError
     from nas.supernets.space import ArchError
     from nas.training.loop import RunError
 
     try:
-        return args.handler(args)
+        with contextlib.ExitStack() as held:
+            args.held = held
+            return args.handler(args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError) as error:
+    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError, RunBusyError, JournalError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExportError as error:

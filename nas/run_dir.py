@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nas import jsonio
+
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoint"
@@ -63,7 +65,7 @@ class RunDir:
         if base_dir is None:
             return
         temporary = self.origin.with_name(self.origin.name + STAGING_SUFFIX)
-        temporary.write_text(json.dumps({"base_dir": str(Path(base_dir).resolve())}))
+        temporary.write_text(jsonio.dumps({"base_dir": str(Path(base_dir).resolve())}))
         os.replace(temporary, self.origin)
 
     def origin_dir(self) -> Path | None:

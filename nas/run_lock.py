@@ -12,18 +12,25 @@ Within one process the lock is re-entrant (``nas run`` trains, searches and expo
 from __future__ import annotations
 
 import fcntl
+import functools
+import inspect
 import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from nas.run_dir import LOCK_FILE
+from nas import jsonio
+from nas.run_dir import CONFIG_FILE, LOCK_FILE
 
 _held: dict[Path, tuple[int, int]] = {}
+
+Parameters = ParamSpec("Parameters")
+Result = TypeVar("Result")
 
 
 class RunBusyError(RuntimeError):
@@ -71,7 +78,7 @@ class RunLock:
             raise
         description = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
         os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, json.dumps(description).encode(), 0)
+        os.pwrite(descriptor, jsonio.dumps(description).encode(), 0)
         _held[key] = (descriptor, 1)
         self._key = key
         return self
@@ -108,3 +115,42 @@ def holder(run_dir: Path) -> dict[str, Any] | None:
         return json.loads(text) if text else None
     except (OSError, ValueError):
         return None
+
+
+def writes_inside(run_dir: Path, out: Path | None) -> bool:
+    """Whether output to ``out`` (None: the run folder's default place) lands inside ``run_dir``."""
+    return out is None or Path(out).resolve().is_relative_to(Path(run_dir).resolve())
+
+
+def locks_run_dir(run_dir: str, *, out: str | None = None, create: bool = False) -> Callable[[Callable[Parameters, Result]], Callable[Parameters, Result]]:
+    """Decorator: the call holds the ``RunLock`` of its argument named ``run_dir`` (``"context.run_dir"`` reads an
+    attribute of an argument), so the Python API is as protected as the CLI. With ``out``, the name of an
+    output-folder argument, the lock is taken only when the output lands inside the run folder (``writes_inside``);
+    writing elsewhere only reads the run. Without ``create`` a folder that is not a run folder (no config file) is
+    not locked (nor created): the call itself says what is wrong with it."""
+
+    def decorate(function: Callable[Parameters, Result]) -> Callable[Parameters, Result]:
+        signature = inspect.signature(function)
+
+        def argument(arguments: dict[str, Any], dotted: str) -> Any:
+            name, *attributes = dotted.split(".")
+            value = arguments[name]
+            for attribute in attributes:
+                value = getattr(value, attribute)
+            return value
+
+        @functools.wraps(function)
+        def locked(*args: Parameters.args, **kwargs: Parameters.kwargs) -> Result:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            folder = Path(argument(bound.arguments, run_dir))
+            if out is not None and not writes_inside(folder, argument(bound.arguments, out)):
+                return function(*args, **kwargs)
+            if not create and not (folder / CONFIG_FILE).is_file():
+                return function(*args, **kwargs)
+            with RunLock(folder):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate

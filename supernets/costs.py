@@ -7,8 +7,10 @@ is the previous stage's width, minimising (or maximising) each block position in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ def arch_cost(space: SearchSpace, arch: Arch) -> tuple[int, int]:
     """(parameters, MACs) of ``arch``."""
     net = build_static(space, arch)
     size = arch.resolution if space.modality == "image" else arch.sequence_length
+    assert size is not None, "build_static checked the arch against the space"
     return count_parameters(net), count_macs(net, example_input(space, size))
 
 
@@ -51,10 +54,12 @@ class SpaceCosts:
 
 
 class _Costs:
-    """Cached (params, MACs) of the pieces of a space at given widths and input sizes."""
+    """Cached (params, MACs) of the pieces of a space at given widths and input sizes. With ``macs=False`` only
+    parameters are counted (no forward pass; MACs read 0), which makes them independent of the input size."""
 
-    def __init__(self, space: SearchSpace) -> None:
+    def __init__(self, space: SearchSpace, macs: bool = True) -> None:
         self.space = space
+        self.macs = macs
         self._cache: dict[tuple[tuple, int], tuple[int, int]] = {}
 
     def _features(self, channels: int, size: int) -> torch.Tensor:
@@ -64,6 +69,7 @@ class _Costs:
 
     def module(self, key: tuple, size: int) -> tuple[int, int]:
         """(params, MACs) of one piece (``key`` names it) at input size ``size``, counted once."""
+        size = size if self.macs else 0
         if (key, size) not in self._cache:
             self._cache[(key, size)] = self._count(key, size)
         return self._cache[(key, size)]
@@ -75,17 +81,19 @@ class _Costs:
             from .blocks import block_type
 
             module = block_type(entry_name).static_class(config, context)
-            return count_parameters(module), count_macs(module, self._features(context.in_channels, size))
-        if kind == "projection":
+            example = self._features(context.in_channels, size)
+        elif kind == "projection":
             in_channels, out_channels, stride = args
             module = EntryProjection(self.space.modality, in_channels, out_channels, stride)
-            return count_parameters(module), count_macs(module, self._features(in_channels, size))
-        if kind == "stem":
+            example = self._features(in_channels, size)
+        elif kind == "stem":
             module = build_stem(self.space)
-            return count_parameters(module), count_macs(module, example_input(self.space, size))
-        (in_channels,) = args
-        module = build_head(self.space, in_channels)
-        return count_parameters(module), count_macs(module, self._features(in_channels, size))
+            example = example_input(self.space, size)
+        else:
+            (in_channels,) = args
+            module = build_head(self.space, in_channels)
+            example = self._features(in_channels, size)
+        return count_parameters(module), count_macs(module, example) if self.macs else 0
 
 
 def space_costs(space: SearchSpace) -> SpaceCosts:
@@ -96,6 +104,19 @@ def space_costs(space: SearchSpace) -> SpaceCosts:
         for pick in (min, max):
             results[(metric, pick)] = pick(_extreme(space, costs, size, metric, pick) for size in space.input_sizes)
     return SpaceCosts(results[(0, min)], results[(0, max)], results[(1, min)], results[(1, max)])
+
+
+@functools.lru_cache(maxsize=16)
+def space_minimum(space: SearchSpace, metric: Literal["params", "macs"]) -> int:
+    """The exact smallest parameter count (or MAC count, batch 1) of any subnet of ``space``; equal to
+    ``space_costs(space).min_params`` (``min_macs``) at a fraction of its cost (parameters need no forward pass).
+    Cached per space."""
+    if metric not in ("params", "macs"):
+        raise ValueError(f"metric must be 'params' or 'macs', got {metric!r}")
+    macs = metric == "macs"
+    costs = _Costs(space, macs=macs)
+    sizes = space.input_sizes if macs else space.input_sizes[:1]
+    return min(_extreme(space, costs, size, int(macs), min) for size in sizes)
 
 
 def _extreme(space: SearchSpace, costs: _Costs, size: int, metric: int, pick: Callable) -> int:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .blocks import BlockChoices, block_type, type_of
+from .blocks import BlockChoices, type_of
 
 if TYPE_CHECKING:
     from .walk import SpaceWalk
@@ -25,8 +26,52 @@ DIGEST_LENGTH = 6
 """Hex digits of the arch digest in ``Arch.short_name`` (16.7 million values)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One broken rule: where (``stages[0].blocks[1].kernel_size``; empty for the whole input) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+MAX_LISTED_PROBLEMS = 200
+
+
+def format_problems(source: str, problems: Sequence[Problem]) -> str:
+    """``source: N problem(s)`` then one ``  - path: message`` line per problem (at most ``MAX_LISTED_PROBLEMS``)."""
+    lines = "\n".join(f"  - {problem}" for problem in problems[:MAX_LISTED_PROBLEMS])
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        lines += f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"
+    return f"{source}: {len(problems)} problem(s)\n{lines}"
+
+
 class ArchError(ValueError):
-    """An architecture that is not in its search space (the message names the place and the allowed values)."""
+    """An architecture that is malformed or not in its search space; ``problems`` lists every broken rule, each with
+    its path (``stages[0].blocks[1].kernel_size``), the rule and the value. ``source`` names where the arch came from
+    (a file, ``--arch``, ONNX metadata), when known."""
+
+    def __init__(self, problems: str | Problem | Iterable[Problem], source: str = "") -> None:
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        self.source = source
+        if len(self.problems) == 1:
+            message = f"{source}: {self.problems[0]}" if source else str(self.problems[0])
+        else:
+            message = format_problems(source or "arch", self.problems)
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problems, self.source))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,44 +147,28 @@ class Arch:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Arch:
-        """Parse ``to_dict`` output; raises ``ArchError`` naming the broken place."""
-        if not isinstance(data, dict):
-            raise ArchError(f"an arch must be a mapping, got {type(data).__name__}")
-        unknown = set(data) - {"resolution", "sequence_length", "stages"}
-        if unknown:
-            raise ArchError(f"arch has unknown keys {sorted(unknown)}")
-        stages = data.get("stages")
-        if not isinstance(stages, list):
-            raise ArchError("arch.stages must be a list")
-        parsed = []
-        for index, stage in enumerate(stages):
-            where = f"stages[{index}]"
-            if not isinstance(stage, dict) or not isinstance(stage.get("blocks"), list) or "width" not in stage:
-                raise ArchError(f"{where} must be a mapping with 'width' and a list 'blocks'")
-            configs = []
-            for position, block in enumerate(stage["blocks"]):
-                block_where = f"{where}.blocks[{position}]"
-                if not isinstance(block, dict) or "type" not in block:
-                    raise ArchError(f"{block_where} must be a mapping with a 'type'")
-                fields = dict(block)
-                try:
-                    entry = block_type(fields.pop("type"))
-                    configs.append(entry.config_class(**fields))
-                except (KeyError, TypeError) as error:
-                    raise ArchError(f"{block_where}: {error}") from None
-            parsed.append(StageArch(width=stage["width"], blocks=tuple(configs)))
-        return cls(tuple(parsed), data.get("resolution"), data.get("sequence_length"))
+    def from_dict(cls, data: Any, space: SearchSpace | None = None, *, source: str = "") -> Arch:
+        """The arch that ``data`` (``to_dict`` output, as JSON or YAML gives it) describes, checked as strictly as a
+        space file: unknown keys refused at every level (with a "did you mean"), types exact (an integer field
+        refuses ``12.0``, a boolean field ``1``), and, given ``space``, every value one of the space's choices (a
+        number field's value is replaced by the space's own choice, so ``4.0`` reads back as ``4``). Raises
+        ``ArchError`` listing every problem with its path; ``source`` (a file name, ``--arch``) prefixes its
+        message."""
+        from .arch_input import parse_arch_data
+
+        return parse_arch_data(data, space, source=source)
 
     @classmethod
-    def from_json(cls, text: str) -> Arch:
+    def from_json(cls, text: str | bytes, space: SearchSpace | None = None, *, source: str = "") -> Arch:
+        """``from_dict`` of the JSON ``text`` (``NaN`` and ``Infinity`` are refused)."""
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as error:
-            raise ArchError(f"arch is not valid JSON: {error}") from None
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as error:
+            raise ArchError(f"not valid JSON: {error}", source) from None
+        return cls.from_dict(data, space, source=source)
 
     def digest(self) -> str:
         """A short stable digest of the arch JSON (the same in every process and on every machine)."""
@@ -197,5 +226,10 @@ class SearchSpace:
         return self.walk().count()
 
     def check(self, arch: Arch) -> None:
-        """Raise ``ArchError`` naming the first place where ``arch`` leaves this space."""
+        """Raise ``ArchError`` listing every place where ``arch`` leaves this space (the rules of ``Arch.from_dict``)."""
         self.walk().check(arch)
+
+    def canonical(self, arch: Arch) -> Arch:
+        """``arch`` checked, with every value replaced by the space's own choice (a number field's ``4.0`` by the
+        choice ``4``), so that its JSON, digest and short name are those of the same arch sampled from the space."""
+        return self.walk().canonical(arch)

@@ -27,13 +27,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .blocks import type_of
-from .space import Arch, ArchError, SearchSpace, StageArch, StageSpace
+from .blocks import IntRule, OptionRule, choice_index, choice_problem, type_of
+from .space import Arch, ArchError, Problem, SearchSpace, StageArch, StageSpace
 
 DecisionKind = Literal["size", "depth", "width", "type", "field"]
 
 Choose = Callable[["Decision"], Any]
 """Picks the value of one active decision (called in walk order)."""
+
+COUNT_RULE = IntRule(1, 2**62)
+"""The rule of depth, width and input-size decisions: their values are integers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,8 @@ class Decision:
     A block decision is active when the stage's depth exceeds ``position``, and a field's only when ``block_type`` is
     the type chosen at its position. ``depth_conditional`` / ``type_conditional`` say whether those conditions can
     fail (a position below every depth choice always exists; a position that allows one block type always has it).
+    ``rule`` is the type of the values (a block field's own rule; integers for depth, width and size; names for
+    block types): a value must have it exactly to be one of the choices (``choice_index``).
     """
 
     name: str
@@ -62,6 +67,7 @@ class Decision:
     field: str = ""
     depth_conditional: bool = False
     type_conditional: bool = False
+    rule: Any = COUNT_RULE
 
     @property
     def free(self) -> bool:
@@ -85,11 +91,17 @@ class Decision:
         return not self.type_conditional or values[f"s{self.stage}.b{self.position}.type"] == self.block_type
 
     def index(self, value: Any) -> int:
-        """The position of ``value`` among the choices; raises ``ArchError`` naming the rule and the place."""
-        for index, choice in enumerate(self.choices):
-            if _same(choice, value):
-                return index
-        raise ArchError(f"{self.path} must be one of {list(self.choices)}, got {value!r}")
+        """The position of ``value`` among the choices (types exact, see ``choice_index``); raises ``ArchError``
+        naming the place, the rule and the value."""
+        index = choice_index(self.rule, self.choices, value)
+        if index is None:
+            raise ArchError(Problem(self.path, self.problem(value) or ""))
+        return index
+
+    def problem(self, value: Any) -> str | None:
+        """``None`` when ``value`` is one of the choices, else what is wrong (``must be one of [3, 5], got 5.0 (a
+        float; this field takes integers)``): the one membership test of every arch, from any source."""
+        return choice_problem(self.rule, self.choices, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,13 +123,6 @@ class StageDecisions:
     depth: Decision
     width: Decision
     positions: tuple[PositionDecisions, ...]
-
-
-def _same(first: Any, second: Any) -> bool:
-    """Equality that tells ``True`` from ``1`` (a bool is never the same choice as a number)."""
-    if isinstance(first, bool) or isinstance(second, bool):
-        return type(first) is type(second) and first == second
-    return bool(first == second)
 
 
 class SpaceWalk:
@@ -170,17 +175,27 @@ class SpaceWalk:
         return Arch(tuple(stages), sequence_length=size)
 
     def values(self, arch: Arch) -> dict[str, Any]:
-        """The value of every active decision of ``arch``, by name, in walk order; raises ``ArchError`` naming the
-        first place where ``arch`` leaves the space."""
+        """The value of every active decision of ``arch``, by name, in walk order, each the space's own choice (a
+        number field's ``4.0`` is given as the choice ``4``); raises ``ArchError`` listing every place where ``arch``
+        leaves the space (as ``check``)."""
+        try:
+            return self._values(arch)
+        except ArchError:
+            self.check(arch)
+            raise
+
+    def _values(self, arch: Arch) -> dict[str, Any]:
         if not isinstance(arch, Arch):
             raise ArchError(f"expected an Arch, got {type(arch).__name__}")
         if len(arch.stages) != len(self.stages):
-            raise ArchError(f"arch has {len(arch.stages)} stages, the space {self.space.name!r} has {len(self.stages)}")
+            raise ArchError(Problem("stages", f"must list {len(self.stages)} stage(s), as the space {self.space.name!r} has, got {len(arch.stages)}"))
+        other = "sequence_length" if self.size_name == "resolution" else "resolution"
+        if getattr(arch, other) is not None:
+            raise ArchError(Problem(other, f"must be null in an arch of the {self.space.modality} space {self.space.name!r}"))
         values: dict[str, Any] = {}
 
         def read(decision: Decision) -> Any:
-            value = self._value_in(arch, decision)
-            decision.index(value)
+            value = decision.choices[decision.index(self._value_in(arch, decision))]
             values[decision.name] = value
             return value
 
@@ -200,12 +215,25 @@ class SpaceWalk:
             try:
                 return type_of(config).name
             except TypeError as error:
-                raise ArchError(f"{decision.path}: {error}") from None
+                raise ArchError(Problem(decision.path, str(error))) from None
         return getattr(config, decision.field)
 
     def check(self, arch: Arch) -> None:
-        """Raise ``ArchError`` naming the first place (in walk order) where ``arch`` leaves the space."""
-        self.values(arch)
+        """Raise ``ArchError`` listing every place where ``arch`` leaves the space, each with its path, the rule and
+        the value (the one arch validation, ``nas.supernets.arch_input``, that data from any source goes through)."""
+        from .arch_input import arch_data, arch_problems
+
+        if not isinstance(arch, Arch):
+            raise ArchError(f"expected an Arch, got {type(arch).__name__}")
+        problems = arch_problems(arch_data(arch), self)
+        if problems:
+            raise ArchError(problems)
+
+    def canonical(self, arch: Arch) -> Arch:
+        """``arch`` (checked) rebuilt from the space's own choices: equal to it, and with the JSON, digest and short
+        name of the same arch sampled from the space."""
+        values = self.values(arch)
+        return self.walk(lambda decision: values[decision.name])
 
     def params(self, arch: Arch) -> dict[str, Any]:
         """The free (more than one choice) active decisions of ``arch``: exactly what ``from_params`` needs."""
@@ -223,9 +251,8 @@ class SpaceWalk:
             if decision.name not in params:
                 raise ArchError(f"parameter {decision.name!r} ({decision.path}) is missing; it is active when {decision.condition}")
             value = params[decision.name]
-            decision.index(value)
             used.add(decision.name)
-            return value
+            return decision.choices[decision.index(value)]
 
         arch = self.walk(read)
         extra = sorted(set(params) - used)
@@ -245,8 +272,7 @@ class SpaceWalk:
         def pick(decision: Decision) -> Any:
             if not decision.free:
                 return decision.choices[0]
-            value = choose(decision.name, decision.choices)
-            decision.index(value)
+            value = decision.choices[decision.index(choose(decision.name, decision.choices))]
             params[decision.name] = value
             return value
 
@@ -287,7 +313,8 @@ class SpaceWalk:
         if not mutable:
             raise ArchError(f"the space {self.space.name!r} has a single arch; there is nothing to mutate")
         target = mutable[int(rng.integers(len(mutable)))]
-        others = [choice for choice in target.choices if not _same(choice, values[target.name])]
+        current = target.index(values[target.name])
+        others = [choice for index, choice in enumerate(target.choices) if index != current]
         replacement = others[int(rng.integers(len(others)))]
 
         def pick(decision: Decision) -> Any:
@@ -328,7 +355,18 @@ def _stage_decisions(index: int, stage: StageSpace) -> StageDecisions:
     for position in range(max(stage.depths)):
         prefix, where = f"s{index}.b{position}", f"stages[{index}].blocks[{position}]"
         optional = position >= min(stage.depths)
-        kind = Decision(f"{prefix}.type", f"{where}.type", "type", types, types[0], types[0], stage=index, position=position, depth_conditional=optional)
+        kind = Decision(
+            f"{prefix}.type",
+            f"{where}.type",
+            "type",
+            types,
+            types[0],
+            types[0],
+            stage=index,
+            position=position,
+            depth_conditional=optional,
+            rule=OptionRule(types),
+        )
         per_type = []
         for choices in stage.blocks:
             rules = choices.entry.rules
@@ -346,6 +384,7 @@ def _stage_decisions(index: int, stage: StageSpace) -> StageDecisions:
                     field=name,
                     depth_conditional=optional,
                     type_conditional=len(types) > 1,
+                    rule=rules[name],
                 )
                 for name, values in choices.fields
             )

@@ -50,7 +50,7 @@ def run(arguments: list[str] | None = None) -> int:
 
     best = max(front, key=lambda trial: trial.values[0])
     context = load_export_context(args.out)
-    report = export_loaded(context, Arch.from_json(best.user_attrs["arch"]), int8=False, out=args.out / "best")
+    report = export_loaded(context, Arch.from_json(best.user_attrs["arch"], context.config.space), int8=False, out=args.out / "best")
     print(
         f"exported trial {best.number} to {report.out_dir} (ONNX vs PyTorch max |error| {report.export.max_abs_error:.2g}, test acc {report.test_accuracy:.4f})"
     )

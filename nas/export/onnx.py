@@ -17,7 +17,6 @@ Graph contract of every exported model:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -32,14 +31,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas import __version__
-from nas.supernets.space import Arch
+from nas import __version__, jsonio
+from nas.data.splits import Split
+from nas.supernets.space import Arch, ArchError, SearchSpace
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MODEL_STEM = "model"
+
+MIN_INT8_AGREEMENT = 0.9
+"""The smallest top-1 agreement of an INT8 model with its fp32 model (on the validation inputs) for the INT8 model to
+be written. The search applies the same rule: a trial whose INT8 model falls below it has no INT8 model, so it is on
+no INT8 front."""
 
 QUANTIZED_OP_TYPES = ("Conv", "Gemm", "MatMul")
 """Op types that INT8 quantization may touch (MatMul only with a weight initializer as its second input)."""
@@ -241,7 +246,7 @@ def export_onnx(
                     "nasforge_arch": arch.to_json(),
                     "nasforge_space": space_name,
                     "nasforge_version": __version__,
-                    "nasforge_input_shape": json.dumps(["batch", *example.shape[1:]]),
+                    "nasforge_input_shape": jsonio.dumps(["batch", *example.shape[1:]]),
                     "nasforge_input_dtype": str(example.dtype).removeprefix("torch."),
                 },
             )
@@ -274,12 +279,44 @@ def export_onnx(
     return ExportResult(path=path, max_abs_error=error)
 
 
+def onnx_accuracy(path: Path, arch: Arch, split: Split, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy of the ONNX model at ``path`` on ``split``: the inputs prepared for ``arch`` as everywhere in
+    nasforge (``prepare_batch``: images resized to its resolution, sequences cut to its length), run by ONNX Runtime
+    on the CPU (one thread) in batches of ``batch_size``. This is the accuracy every table reports for a model that
+    ships: the search scores the very file the export writes, the export scores what it wrote."""
+    from nas.training.evaluation import correct_and_total, prepare_batch
+
+    session = _session(Path(path))
+    correct = total = 0
+    for start in range(0, int(split.targets.shape[0]), batch_size):
+        inputs, targets = prepare_batch(split.inputs[start : start + batch_size], split.targets[start : start + batch_size], arch)
+        logits = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(inputs.numpy())})[0]
+        hits, count = correct_and_total(torch.from_numpy(logits), targets)
+        correct += hits
+        total += count
+    return correct / max(total, 1)
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The ``metadata_props`` of the ONNX file at ``path`` (weights are not loaded)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def read_arch(path: Path, space: SearchSpace | None = None) -> Arch:
+    """The arch an exported ONNX file stores as ``nasforge_arch`` metadata, read back through the one arch validation
+    (``Arch.from_json``; with ``space`` also checked against it); raises ``ArchError`` listing every problem."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        metadata = read_metadata(path)
+    except (OSError, ValueError, DecodeError) as error:
+        raise ArchError(f"not a readable ONNX model ({error})", str(path)) from None
+    if "nasforge_arch" not in metadata:
+        raise ArchError("has no 'nasforge_arch' metadata; it is not a model that nasforge exported", str(path))
+    return Arch.from_json(metadata["nasforge_arch"], space, source=f"{path} (nasforge_arch metadata)")
 
 
 def quantizable_nodes(model: Any) -> tuple[list[str], list[str]]:
@@ -382,7 +419,7 @@ def quantize_int8(
     *,
     calibration: torch.Tensor,
     validation: torch.Tensor,
-    min_agreement: float = 0.9,
+    min_agreement: float | None = None,
     batch_size: int = 32,
     reduce_range: bool | None = None,
 ) -> ExportResult:
@@ -408,7 +445,7 @@ def quantize_int8(
         calibration: inputs ``[N, ...]`` (float32 images or int64 tokens) used to calibrate activation ranges.
         validation: inputs ``[M, ...]`` on which INT8 and fp32 predictions are compared.
         min_agreement: smallest allowed top-1 agreement (over every position for sequence outputs
-            ``[B, L, V]``).
+            ``[B, L, V]``); default ``MIN_INT8_AGREEMENT``.
         batch_size: batch size for calibration and validation runs.
         reduce_range: 7-bit weights; ``None`` decides from this CPU (see above).
 
@@ -425,6 +462,7 @@ def quantize_int8(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    min_agreement = MIN_INT8_AGREEMENT if min_agreement is None else min_agreement
     if batch_size < 1:
         raise ExportError(f"batch_size must be at least 1, got {batch_size}")
     calibration_inputs = _as_input_array(calibration, "calibration")
@@ -466,7 +504,7 @@ def quantize_int8(
         )
         quantized = onnx.load(str(temporary))
         metadata = read_metadata(fp32_path)
-        metadata["nasforge_quantization"] = json.dumps(settings, sort_keys=True)
+        metadata["nasforge_quantization"] = jsonio.dumps(settings, sort_keys=True)
         _set_metadata(quantized, metadata)
         onnx.save(quantized, str(temporary))
         _check_model(temporary, f"INT8 model of {fp32_path.name}")
@@ -547,12 +585,15 @@ def export_subnet(
 __all__ = [
     "ExportError",
     "ExportResult",
+    "MIN_INT8_AGREEMENT",
     "QUANTIZED_OP_TYPES",
     "cpu_has_vnni",
     "export_onnx",
     "export_subnet",
     "float32_rounding_error",
+    "onnx_accuracy",
     "quantizable_nodes",
     "quantize_int8",
+    "read_arch",
     "read_metadata",
 ]

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nas import jsonio
 from nas.latency.targets import CPU_PROVIDER, LatencyError, LatencyTarget, onnxruntime_module
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def keyed_fields(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
         keyed["quantization"] = {name: keyed["quantization"][name] for name in QUANTIZATION_LATENCY_FIELDS if name in keyed["quantization"]}
     if fingerprint["provider"] != CPU_PROVIDER:
         keyed["gpu"] = fingerprint.get("gpu")
-    return json.loads(json.dumps(keyed, default=str))
+    return json.loads(jsonio.dumps(keyed, default=str))
 
 
 def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
@@ -182,7 +183,7 @@ def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
         LatencyError: a required field (``cpu_model``, ``onnxruntime_version``, ``provider``, ``precision``,
             ``threads``, ``batch_size``) is missing.
     """
-    text = json.dumps(keyed_fields(fingerprint), sort_keys=True, separators=(",", ":"))
+    text = jsonio.dumps(keyed_fields(fingerprint), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from nas import jsonio
 from nas.latency.fingerprint import device_fingerprint
 from nas.latency.sessions import ModelSource, check_source, create_session, model_input, quantization_metadata, session_options
 from nas.latency.targets import LatencyError, LatencyTarget
@@ -93,7 +94,7 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (``from_dict`` reads it back)."""
         values = asdict(self)
-        values["fingerprint"] = json.loads(json.dumps(self.fingerprint))
+        values["fingerprint"] = json.loads(jsonio.dumps(self.fingerprint))
         return values
 
     @classmethod

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from nas import jsonio
 from nas.latency.fingerprint import describe_differences, fingerprint_differences, fingerprint_key
 from nas.latency.targets import LatencyError
 from nas.supernets.registry import Registry, UnknownNameError
@@ -105,13 +106,9 @@ def create_predictor(name: str, space: SearchSpace, *, seed: int = 0) -> Latency
 def strict_json(value: Any, what: str) -> Any:
     """``value`` round-tripped through strict JSON (no NaN or Infinity); raises ``PredictorError`` naming ``what``."""
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
+        return json.loads(jsonio.dumps(value, nonfinite="error"))
     except (TypeError, ValueError) as error:
         raise PredictorError(f"{what} must be strict JSON (no NaN or Infinity, plain types only): {error}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not strict JSON")
 
 
 class LatencyPredictor(ABC):
@@ -228,7 +225,7 @@ class LatencyPredictor(ABC):
         path = Path(folder) / PREDICTOR_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n")
+        partial.write_text(jsonio.dumps(record, indent=1, sort_keys=True, nonfinite="error") + "\n")
         os.replace(partial, path)
         return path
 
@@ -251,7 +248,7 @@ class LatencyPredictor(ABC):
         except OSError as error:
             raise PredictorError(f"no saved predictor at {path}: {error.strerror or error}") from None
         try:
-            record = json.loads(text, parse_constant=_reject_constant)
+            record = jsonio.loads(text)
         except ValueError as error:
             raise PredictorError(f"{path} is not strict JSON: {error}") from None
         if not isinstance(record, dict):

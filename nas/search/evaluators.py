@@ -26,7 +26,7 @@ import torch
 from nas.data.splits import Split
 from nas.supernets.costs import arch_cost
 from nas.supernets.space import Arch
-from nas.training.evaluation import accuracy, prepare_batch, recalibrate_batch_norm
+from nas.training.evaluation import CalibrationBatches, prepare_batch, recalibrate_batch_norm
 
 logger = logging.getLogger(__name__)
 
@@ -41,31 +41,30 @@ class EvaluatorPayload:
         config_text: the run's YAML (the space is rebuilt from it).
         base_dir: the folder the space file came from (its ``plugins:`` are imported relative to it).
         state: the supernet's ``state_dict``.
-        calibration: training samples for BN recalibration (``calibration_batches * batch_size`` of them, in the
-            order the calibration batches take them).
+        calibration: the run's BN calibration batches (``run_calibration_batches``: the same samples, batches and
+            order as training's final metrics and the export use).
         validation: the split accuracy is measured on.
-        int8_calibration: training inputs ``[N, ...]`` that calibrate INT8 activation ranges.
-        batch_size: BN calibration batch size.
-        calibration_batches: number of BN calibration batches.
+        int8_calibration: training inputs ``[N, ...]`` that calibrate INT8 activation ranges (the export's,
+            ``int8_calibration_inputs``).
         int8: whether INT8 models are needed (an INT8 latency target is searched).
-        seed: BN calibration order.
     """
 
     config_text: str
     state: dict[str, torch.Tensor]
-    calibration: Split
+    calibration: CalibrationBatches
     validation: Split
     int8_calibration: torch.Tensor
-    batch_size: int
-    calibration_batches: int
     int8: bool
-    seed: int = 0
     base_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Evaluation:
-    """One arch's evaluation: validation accuracy, costs, and its ONNX files as bytes (``"fp32"``, ``"int8"``)."""
+    """One arch's evaluation: costs, its ONNX files as bytes (``"fp32"``, ``"int8"``) and their validation accuracy
+    (``onnx_accuracy`` of those very files, which are what the export writes for the arch).
+
+    ``int8_error`` says why the arch has no INT8 model (its agreement with fp32 is below ``MIN_INT8_AGREEMENT``, the
+    rule the export applies); the INT8 bytes are still there, so that every trial has an INT8 latency."""
 
     arch_json: str
     accuracy: float
@@ -75,6 +74,8 @@ class Evaluation:
     int8_top1_agreement: float | None
     seconds: float
     worker: str = ""
+    int8_accuracy: float | None = None
+    int8_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +93,15 @@ class EvaluatorStartError(RuntimeError):
 
 
 class Evaluator:
-    """Evaluates archs of one trained supernet (built once; one thread)."""
+    """Evaluates archs of one trained supernet (built once) with ``threads`` intra-op threads. The thread count is
+    set only while it works and restored afterwards, so an in-process evaluator leaves the caller's torch as it was."""
 
     def __init__(self, payload: EvaluatorPayload, threads: int = 1) -> None:
         from nas.space.schema import parse_config
         from nas.training.checkpoint import build_supernet
 
-        torch.set_num_threads(threads)
-        config = parse_config(payload.config_text, "<run config>", base_dir=Path(payload.base_dir) if payload.base_dir else None)
+        self.threads = threads
+        config = parse_config(payload.config_text, "<run config>", base_dir=Path(payload.base_dir) if payload.base_dir else None, check_constraints=False)
         self.space = config.space
         self.payload = payload
         self.supernet = build_supernet(config)
@@ -108,39 +110,48 @@ class Evaluator:
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
 
     def evaluate(self, arch_json: str) -> Evaluation:
-        """Recalibrate BN for the arch, measure validation accuracy, extract it and write its ONNX files (fp32
-        checked against PyTorch; INT8 static QDQ when needed)."""
-        from nas.export.onnx import export_onnx, quantize_int8
+        """Recalibrate BN for the arch (the run's calibration batches), extract it, write its ONNX files as the
+        export does (fp32 checked against PyTorch; INT8 static QDQ when needed) and score those files on the
+        validation split."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._evaluate(arch_json)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _evaluate(self, arch_json: str) -> Evaluation:
+        from nas.export import onnx
 
         started = time.perf_counter()
-        arch = Arch.from_json(arch_json)
-        self.space.check(arch)
+        arch = Arch.from_json(arch_json, self.space, source="the study's arch")
         payload = self.payload
-        recalibrate_batch_norm(
-            self.supernet,
-            arch,
-            payload.calibration,
-            batch_size=payload.batch_size,
-            num_batches=payload.calibration_batches,
-            seed=payload.seed,
-        )
-        value = accuracy(self.supernet, arch, payload.validation)
+        recalibrate_batch_norm(self.supernet, arch, payload.calibration)
         static = self.supernet.extract(arch).eval()
         params, macs = arch_cost(self.space, arch)
         validation = prepare_batch(payload.validation.inputs, payload.validation.targets, arch)[0]
         calibration = prepare_batch(payload.int8_calibration, payload.int8_calibration, arch)[0]
         models: dict[str, bytes] = {}
-        agreement = None
+        agreement = int8_accuracy = int8_error = None
         with tempfile.TemporaryDirectory(prefix="nasforge-eval-") as folder:
             fp32_path = Path(folder) / "model.onnx"
-            export_onnx(static, calibration[:2], fp32_path, arch=arch, space_name=self.space.name, check_inputs=validation[:16])
+            onnx.export_onnx(static, calibration[:2], fp32_path, arch=arch, space_name=self.space.name, check_inputs=validation[:16])
             models["fp32"] = fp32_path.read_bytes()
+            value = onnx.onnx_accuracy(fp32_path, arch, payload.validation)
             if payload.int8:
                 int8_path = Path(folder) / "model.int8.onnx"
-                result = quantize_int8(fp32_path, int8_path, calibration=calibration, validation=validation, min_agreement=0.0)
+                result = onnx.quantize_int8(fp32_path, int8_path, calibration=calibration, validation=validation, min_agreement=0.0)
                 models["int8"] = int8_path.read_bytes()
                 agreement = result.int8_top1_agreement
-        return Evaluation(arch_json, value, params, macs, models, agreement, time.perf_counter() - started, self.worker)
+                assert agreement is not None
+                int8_accuracy = onnx.onnx_accuracy(int8_path, arch, payload.validation)
+                if not agreement >= onnx.MIN_INT8_AGREEMENT:
+                    int8_error = (
+                        f"INT8 top-1 agreement with fp32 is {agreement:.4f} on {len(validation)} validation inputs, "
+                        f"below the required {onnx.MIN_INT8_AGREEMENT:.4f}: no INT8 model"
+                    )
+        seconds = time.perf_counter() - started
+        return Evaluation(arch_json, value, params, macs, models, agreement, seconds, self.worker, int8_accuracy, int8_error)
 
 
 class Pool(Protocol):

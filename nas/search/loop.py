@@ -5,8 +5,9 @@ space, from its decision walk), ``samplers`` (the sampler registry) and ``evolut
 create / resume / load, distinct and feasible trials), ``front`` (Pareto front and hypervolume), ``latency_cache``
 and ``evaluators`` (in process or Ray). This module is the loop.
 
-Objectives: validation accuracy with inherited weights after BN recalibration (maximise), then the median latency
-on each target (minimise, milliseconds). Every trial records its arch JSON, parameters and MACs, and the full
+Objectives: validation accuracy with inherited weights after BN recalibration (maximise; the accuracy of the fp32
+ONNX file the export writes for the arch, see ``evaluators``), then the median latency on each target (minimise,
+milliseconds). Every trial records its arch JSON, parameters and MACs, and the full
 measurement (p10, p90, CV, device fingerprint) as user attributes. Constraints (max latency per target, max
 parameters, max MACs) are recorded on each trial with Optuna's ``Trial.set_constraint``, which every sampler and
 ``study.best_trials`` read.
@@ -32,9 +33,10 @@ from typing import Any
 
 import torch
 
-from nas.data.splits import Split
+from nas import jsonio
 from nas.data.tasks import load_task_data
 from nas.run_dir import RunDir
+from nas.run_lock import locks_run_dir
 from nas.search.encoding import params_from_arch, suggest_arch
 from nas.search.evaluators import Evaluation, Evaluator, EvaluatorFactory, EvaluatorPayload, make_pool
 from nas.search.front import pareto_front
@@ -42,24 +44,20 @@ from nas.search.latency_cache import LatencyCache
 from nas.search.settings import SearchSettings, latency_key
 from nas.search.study import distinct_trials, open_study
 from nas.space.schema import RunConfig
+from nas.training.evaluation import run_calibration_batches
 from nas.training.loop import RunError, load_run
 
 logger = logging.getLogger(__name__)
 
-INT8_CALIBRATION_SAMPLES = 128
 Measure = Callable[[dict[tuple[str, str], bytes]], dict[tuple[str, str], Any]]
 """``measure({(arch_json, target name): model bytes}) -> {same key: measurement dict}``."""
 MAX_ASKS_PER_TRIAL = 20
 
 
-def _calibration_split(train: Split, batch_size: int, batches: int, seed: int) -> Split:
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train.targets), generator=generator)[: batch_size * batches]
-    return Split(train.inputs[order].contiguous(), train.targets[order].contiguous())
-
-
 def build_payload(config: RunConfig, supernet: torch.nn.Module, task_data: Any, settings: SearchSettings) -> EvaluatorPayload:
-    training = config.training
+    """What every evaluator needs, by value: the BN calibration batches and INT8 calibration inputs are the very ones
+    training's final metrics and the export use (``run_calibration_batches``, ``int8_calibration_inputs``)."""
+    from nas.export.subnet import int8_calibration_inputs
     from nas.latency.targets import get_target
 
     int8 = any(get_target(name).model_kind == "int8" for name in settings.targets)
@@ -67,13 +65,10 @@ def build_payload(config: RunConfig, supernet: torch.nn.Module, task_data: Any, 
         config_text=config.text,
         base_dir=str(config.base_dir) if config.base_dir else None,
         state={name: tensor.detach().clone() for name, tensor in supernet.state_dict().items()},
-        calibration=_calibration_split(task_data.train, training.batch_size, training.calibration_batches, training.seed),
+        calibration=run_calibration_batches(config, task_data.train),
         validation=task_data.val,
-        int8_calibration=task_data.train.inputs[:INT8_CALIBRATION_SAMPLES].clone(),
-        batch_size=training.batch_size,
-        calibration_batches=training.calibration_batches,
+        int8_calibration=int8_calibration_inputs(task_data.train).clone(),
         int8=int8,
-        seed=training.seed,
     )
 
 
@@ -149,6 +144,7 @@ class _StopRequest:
             raise KeyboardInterrupt
 
 
+@locks_run_dir("run_dir")
 def run_search(
     run_dir: Path,
     settings: SearchSettings,
@@ -158,12 +154,14 @@ def run_search(
     factory: EvaluatorFactory = Evaluator,
     measure: Measure | None = None,
 ) -> SearchResult:
-    """Search the accuracy-latency front of the trained run in ``run_dir`` (see the module docstring).
+    """Search the accuracy-latency front of the trained run in ``run_dir`` (see the module docstring). The call holds
+    the run folder's lock (``nas.run_lock``): a folder another process holds raises ``RunBusyError`` at once.
 
     Args:
         run_dir: a run directory with a trained checkpoint.
         settings: budget (``trials`` distinct archs), sampler, targets, workers, constraints.
-        resume: continue the study in ``run_dir`` (trials a killed run left running are redone; completed ones stay).
+        resume: continue the study in ``run_dir`` (trials a killed run left running are redone; completed ones stay;
+            a journal record cut short by the kill is set aside, see ``nas.search.study.prepare_journal``).
         progress: ``progress(total, description, initial)`` -> a tqdm-like bar.
         factory: builds the evaluator from the payload (tests inject failing evaluators).
         measure: ``measure({(arch_json, target name): model bytes}) -> {same key: measurement dict}``; default
@@ -178,6 +176,7 @@ def run_search(
     if not metrics_path.exists():
         raise RunError(f"{run_dir}: training has not finished (no metrics.json); resume it with `nas train --resume` first")
     space = config.space
+    _check_size_limits(space, settings)
     measure_models = measure or _default_measure(settings)
     fingerprints = _fingerprints(settings)
     study = open_study(run_dir, settings, resume=resume, walk=space.walk())
@@ -191,6 +190,9 @@ def run_search(
         arch_json = trial.user_attrs.get("arch")
         if arch_json is not None:
             completed.setdefault(arch_json, trial)
+    smallest_json = space.smallest().to_json()
+    if smallest_json in completed:
+        _stop_if_unreachable(settings, space.smallest().short_name(), completed[smallest_json].user_attrs, len(completed))
     latency_cache = LatencyCache(RunDir(run_dir).latency_cache)
     evaluated = len(completed)
     target_total = min(settings.trials, space.count())
@@ -259,6 +261,8 @@ def run_search(
                 if bar is not None:
                     bar.update(1)
             batches += 1
+            if smallest_json in batch and smallest_json in latencies:
+                _stop_if_unreachable(settings, space.smallest().short_name(), latencies[smallest_json], evaluated)
             if bar is not None:
                 bar.set_postfix(_progress_summary(study, settings))
             if failed > max(5, target_total // 2) and evaluated == 0:
@@ -272,6 +276,37 @@ def run_search(
     if asks >= max_asks and evaluated < target_total:
         logger.warning("the sampler kept proposing archs already evaluated; stopping at %d distinct archs", evaluated)
     return SearchResult(run_dir, study, settings, evaluated, duplicates, failed, time.perf_counter() - started, startup_seconds, *phase_seconds)
+
+
+def _check_size_limits(space: Any, settings: SearchSettings) -> None:
+    """Refuse a parameter or MAC limit below the space's smallest subnet (settings built in Python skip the space
+    file's check, ``nas.space.schema``); costs nothing when no such limit is set."""
+    from nas.supernets.costs import space_minimum
+
+    for key, limit, unit in (("params", settings.max_params, "parameters"), ("macs", settings.max_macs, "MACs (batch 1)")):
+        if limit is not None and limit < (minimum := space_minimum(space, key)):
+            raise RunError(f"search.constraints.{key}: {limit:,} is below the smallest subnet's {minimum:,} {unit}: no subnet of the space can meet it")
+
+
+def _stop_if_unreachable(settings: SearchSettings, arch_name: str, latencies: dict[str, Any], evaluated: int) -> None:
+    """Stop the search (``RunError``) when the space's smallest subnet, measured, misses a latency limit: no subnet is
+    then likely to meet it, and the budget would be spent on an empty front. ``latencies``: per target name the
+    measurement dict (a trial's user attributes hold it under ``latency_key(name)``)."""
+    missed = []
+    for name, limit in settings.latency_limits:
+        measurement = latencies.get(name) or latencies.get(latency_key(name)) or {}
+        median = measurement.get("median_ms")
+        if isinstance(median, int | float) and median > limit:
+            missed.append(
+                f"search.constraints.latency_ms.{name}: the smallest subnet ({arch_name}) measured {median:.4g} ms (median) on {name}, "
+                f"above the limit {limit:g} ms"
+            )
+    if missed:
+        raise RunError(
+            "; ".join(missed)
+            + f". No subnet is likely to meet it, so the search stops after {evaluated} arch(s) instead of spending its budget of {settings.trials}; "
+            "raise the limit (a run folder keeps the limits it was searched with: search again with another --out)"
+        )
 
 
 def _progress_summary(study: Any, settings: SearchSettings) -> dict[str, str]:
@@ -295,14 +330,22 @@ def _tell_duplicate(study: Any, trial: Any, original: Any) -> None:
 
 
 def _tell_evaluation(study: Any, trial: Any, evaluation: Evaluation, latencies: dict[str, dict[str, Any]], settings: SearchSettings) -> Any:
-    trial.set_user_attr("params", evaluation.params)
-    trial.set_user_attr("macs", evaluation.macs)
-    trial.set_user_attr("evaluation_seconds", round(evaluation.seconds, 4))
-    trial.set_user_attr("worker", evaluation.worker)
-    if evaluation.int8_top1_agreement is not None:
-        trial.set_user_attr("int8_top1_agreement", evaluation.int8_top1_agreement)
-    for name in settings.targets:
-        trial.set_user_attr(latency_key(name), latencies[name])
+    """Record the evaluation on ``trial`` and tell it. User attributes go into the journal as JSON: non-finite floats
+    are stored as None (``jsonio.finite``). ``int8_accuracy`` is the INT8 model's validation accuracy (what the INT8
+    fronts rank); ``int8_error`` says why the arch has no INT8 model (it is then on no INT8 front)."""
+    attrs: dict[str, Any] = {
+        "params": evaluation.params,
+        "macs": evaluation.macs,
+        "evaluation_seconds": round(evaluation.seconds, 4),
+        "worker": evaluation.worker,
+        "int8_top1_agreement": evaluation.int8_top1_agreement,
+        "int8_accuracy": evaluation.int8_accuracy,
+        "int8_error": evaluation.int8_error,
+        **{latency_key(name): latencies[name] for name in settings.targets},
+    }
+    for key, value in attrs.items():
+        if value is not None:
+            trial.set_user_attr(key, jsonio.finite(value))
     for name, value in _constraint_values(settings, latencies, evaluation.params, evaluation.macs).items():
         trial.set_constraint(name, value)
     values = [evaluation.accuracy, *(_measurement_values(latencies[name]) for name in settings.targets)]

@@ -27,7 +27,7 @@ from nas.search.samplers import SAMPLERS
 from nas.supernets.blocks import BLOCKS, BlockChoices
 from nas.supernets.layers import ACTIVATIONS
 from nas.supernets.registry import closest, did_you_mean
-from nas.supernets.space import HeadSpec, SearchSpace, StageSpace, StemSpec
+from nas.supernets.space import HeadSpec, Problem, SearchSpace, StageSpace, StemSpec, format_problems
 from nas.supernets.strategies import STRATEGIES, StrategyOptions
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -35,7 +35,6 @@ MAX_FILE_BYTES = 1_000_000
 MAX_VALUES = 100_000
 MAX_NESTING = 32
 MAX_COUNT_DIGITS = 1_000
-MAX_LISTED_PROBLEMS = 200
 
 PositiveInt = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 DepthInt = Annotated[StrictInt, Field(ge=1, le=64)]
@@ -43,25 +42,14 @@ WidthInt = Annotated[StrictInt, Field(ge=1, le=16384)]
 Number = StrictInt | StrictFloat
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
 class ConfigError(ValueError):
-    """A search-space file that breaks one or more rules; ``problems`` lists all of them."""
+    """A search-space file that breaks one or more rules; ``problems`` lists all of them (``Problem`` is the one
+    shared with ``ArchError``, so a space file and an arch report a broken rule the same way)."""
 
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  - {problem}" for problem in problems[:MAX_LISTED_PROBLEMS])
-        if len(problems) > MAX_LISTED_PROBLEMS:
-            lines += f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"
-        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+        super().__init__(format_problems(source, problems))
 
 
 class _Strict(BaseModel):
@@ -234,8 +222,13 @@ def load_config(name_or_path: str | Path) -> RunConfig:
     return parse_config(text, source, base_dir=path.resolve().parent)
 
 
-def parse_config(text: str, source: str = "<string>", *, base_dir: Path | None = None) -> RunConfig:
+def parse_config(text: str, source: str = "<string>", *, base_dir: Path | None = None, check_constraints: bool = True) -> RunConfig:
     """Validate YAML ``text``; raises ``ConfigError`` listing every problem.
+
+    ``search.constraints.params`` / ``macs`` below the space's smallest subnet are refused (no subnet could meet
+    them); that takes the space's exact minimum (``space_minimum``, seconds on a large space, only when such a
+    constraint is set). ``check_constraints=False`` skips it when re-reading the config of a run that was validated
+    when it started.
 
     ``plugins`` named in the text are imported first (file plugins relative to ``base_dir``, default the current
     folder), so the blocks, data sets, strategies, samplers and targets they register validate like built-in ones.
@@ -293,7 +286,27 @@ def parse_config(text: str, source: str = "<string>", *, base_dir: Path | None =
                 )
             ],
         )
+    constraint_problems = _check_constraints(config.space, config.search) if check_constraints else []
+    if constraint_problems:
+        raise ConfigError(source, constraint_problems)
     return config
+
+
+def _check_constraints(space: SearchSpace, search: SearchModel) -> list[Problem]:
+    """``search.constraints.params`` and ``macs`` that no subnet of ``space`` can meet (below its smallest subnet)."""
+    from nas.supernets.costs import space_minimum
+
+    problems = []
+    constraints = search.constraints
+    for key, limit, unit in (("params", constraints.params, "parameters"), ("macs", constraints.macs, "MACs (batch 1)")):
+        if limit is None:
+            continue
+        minimum = space_minimum(space, key)
+        if limit < minimum:
+            problems.append(
+                Problem(f"search.constraints.{key}", f"{limit:,} is below the smallest subnet's {minimum:,} {unit}: no subnet of the space can meet it")
+            )
+    return problems
 
 
 def _import_plugins(data: dict[str, Any], source: str, base_dir: Path | None) -> list[Problem]:
@@ -629,6 +642,10 @@ def _check_semantics(data: dict[str, Any]) -> list[Problem]:
         stride = _field(StageModel, stage, "stride")
         if modality == "sequence" and stride is not _INVALID and stride != 1:
             problems.append(Problem(f"stages[{index}].stride", f"must be 1 for a sequence task, got {stride}"))
+    for key in ("resolution", "sequence_length"):
+        values = _field(SpaceModel, data, key)
+        if isinstance(values, list) and len(set(values)) != len(values):
+            problems.append(Problem(key, f"choices must be distinct, got {values}"))
     if modality == "sequence":
         problems += _check_sequence_task(data)
     elif modality == "image":

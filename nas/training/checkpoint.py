@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nas
+from nas import durable, jsonio
 from nas.run_dir import CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG_FILE, RunDir
 from nas.space.schema import RunConfig, parse_config
 from nas.supernets.strategies import STRATEGIES
@@ -38,9 +39,8 @@ class RunError(RuntimeError):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    """Replace ``path`` with ``text`` in one rename, fsynced (``nas.durable.atomic_write_text``)."""
+    durable.atomic_write_text(path, text)
 
 
 def save_checkpoint(
@@ -67,22 +67,89 @@ def save_checkpoint(
                 scalars.setdefault(str(index), {})[key] = value
     save_file(tensors, str(staging / CHECKPOINT_OPTIMIZER))
     document = {**state, "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars, "nasforge_version": nas.__version__}
-    (staging / CHECKPOINT_STATE).write_text(json.dumps(document, indent=1))
+    (staging / CHECKPOINT_STATE).write_text(jsonio.dumps(document, indent=1))
     for file in staging.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
+    durable.fsync_directory(staging)
     if target.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(target, previous)
+        if checkpoint_problem(target) is None:
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(target, previous)
+        else:
+            shutil.rmtree(target)
     os.replace(staging, target)
+    durable.fsync_directory(target.parent)
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with the safetensors file ``path`` (None if its header parses and the file is as long as the
+    header says: the format is an 8-byte little-endian header length, the JSON header, then the tensors' bytes)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                return f"is cut short ({size} bytes; its header alone needs {8 + header_length})"
+            header = json.loads(file.read(header_length))
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    except (ValueError, UnicodeDecodeError):
+        return "has a header that is not valid JSON"
+    if not isinstance(header, dict):
+        return "has a header that is not a JSON object"
+    try:
+        data_end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "has a header without valid data offsets"
+    expected = 8 + header_length + data_end
+    if size != expected:
+        return f"is {size} bytes where its header says {expected} (cut short or damaged)"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What makes the checkpoint ``folder`` unusable, naming the file (None when it is complete): a missing or cut
+    short ``weights.safetensors`` / ``optimizer.safetensors``, a ``state.json`` that does not parse or lacks
+    ``epochs_completed``."""
+    state = folder / CHECKPOINT_STATE
+    try:
+        document = json.loads(state.read_text())
+    except FileNotFoundError:
+        return f"{state} is missing"
+    except (OSError, ValueError) as error:
+        return f"{state} is not valid JSON ({error})"
+    if not isinstance(document, dict) or not isinstance(document.get("epochs_completed"), int):
+        return f"{state} has no integer epochs_completed"
+    for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER):
+        problem = _safetensors_problem(folder / name)
+        if problem is not None:
+            return f"{folder / name} {problem}"
+    return None
+
+
 def checkpoint_dir(run_dir: Path) -> Path | None:
-    """The complete checkpoint in ``run_dir`` (the previous one if a crash interrupted the swap), or None."""
+    """The complete checkpoint in ``run_dir``: ``checkpoint/``, or the previous one (``checkpoint.old/``) when a
+    crash interrupted the swap or left ``checkpoint/`` damaged (logged). None when there is none at all; a
+    ``RunError`` naming the damaged file when every checkpoint there is damaged."""
+    problems = []
     for candidate in (RunDir(run_dir).checkpoint, RunDir(run_dir).checkpoint_previous):
-        if (candidate / CHECKPOINT_STATE).is_file():
+        if not candidate.exists():
+            continue
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if problems:
+                logger.warning("%s; using the previous checkpoint %s", problems[0], candidate)
             return candidate
+        problems.append(problem)
+    if problems:
+        raise RunError(
+            f"{run_dir} has no usable checkpoint: {'; '.join(problems)}. Move the damaged folder away and train again "
+            "(`nas train --resume` starts over when no checkpoint is left)"
+        )
     return None
 
 
@@ -103,7 +170,10 @@ def load_checkpoint(
     folder: Path, supernet: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Load the supernet (and optimizer) from ``folder``; returns the state document and the frozen teacher
-    copies' weights by name."""
+    copies' weights by name. A damaged checkpoint is a ``RunError`` naming the file (``checkpoint_problem``)."""
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise RunError(f"cannot resume from {folder}: {problem}")
     weights, frozen = split_weights(load_file(str(folder / CHECKPOINT_WEIGHTS)))
     supernet.load_state_dict(weights)
     state = json.loads((folder / CHECKPOINT_STATE).read_text())
@@ -124,7 +194,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Supernet, dict[str, Any]]:
     layout = RunDir(run_dir)
     if not layout.config.is_file():
         raise RunError(f"{run_dir} is not a nasforge run directory (no {CONFIG_FILE})")
-    config = parse_config(layout.config.read_text(), str(layout.config), base_dir=layout.origin_dir())
+    config = parse_config(layout.config.read_text(), str(layout.config), base_dir=layout.origin_dir(), check_constraints=False)
     folder = checkpoint_dir(run_dir)
     if folder is None:
         raise RunError(f"{run_dir} has no checkpoint yet; train it first with `nas train`")

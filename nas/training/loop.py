@@ -17,7 +17,6 @@ have.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,15 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas import durable, jsonio
 from nas.data.splits import TaskData, iterate_batches
 from nas.data.tasks import load_task_data
 from nas.run_dir import RunDir
+from nas.run_lock import locks_run_dir
 from nas.space.schema import RunConfig, TrainingModel
 from nas.supernets.space import Arch, SearchSpace
 from nas.supernets.strategies import STRATEGIES, FrozenTeacher, InplaceTeacher, Phase, Schedule, StrategyError, SubnetTask, TrainingStrategy
 from nas.supernets.supernet import Supernet
-from nas.training.checkpoint import RunError, atomic_write_text, checkpoint_dir, load_checkpoint, load_run, prepare_run_dir, save_checkpoint
-from nas.training.evaluation import correct_and_total, evaluate_arch, prepare_batch
+from nas.training.checkpoint import RunError, checkpoint_dir, load_checkpoint, load_run, prepare_run_dir, save_checkpoint
+from nas.training.evaluation import correct_and_total, evaluate_arch, prepare_batch, run_calibration_batches
 
 logger = logging.getLogger(__name__)
 
@@ -239,14 +240,12 @@ def family_archs(space: SearchSpace) -> dict[str, tuple[Arch, Arch]]:
 
 def final_metrics(supernet: Supernet, config: RunConfig, task_data: TaskData) -> dict[str, Any]:
     """Validation and test accuracy of the largest and smallest subnet (and of each block family)."""
-    training = config.training
+    calibration = run_calibration_batches(config, task_data.train)
 
     def score(arch: Arch) -> dict[str, Any]:
         results: dict[str, Any] = {"arch": arch.to_dict()}
         for name, split in (("val", task_data.val), ("test", task_data.test)):
-            results[name] = evaluate_arch(
-                supernet, arch, task_data.train, split, batch_size=training.batch_size, calibration_batches=training.calibration_batches, seed=training.seed
-            )
+            results[name] = evaluate_arch(supernet, arch, calibration, split)
         return results
 
     metrics: dict[str, Any] = {"largest": score(config.space.largest()), "smallest": score(config.space.smallest())}
@@ -256,6 +255,7 @@ def final_metrics(supernet: Supernet, config: RunConfig, task_data: TaskData) ->
     return metrics
 
 
+@locks_run_dir("run_dir", create=True)
 def train(
     config: RunConfig,
     run_dir: Path,
@@ -269,11 +269,15 @@ def train(
 
     ``stop_after_epochs`` ends the call after that many epochs of this invocation (used by tests and by callers
     that train in slices); the final evaluation runs only when all epochs are done.
+
+    The call holds the run folder's lock (``nas.run_lock``): a folder another process holds raises ``RunBusyError``
+    at once. A damaged checkpoint falls back to the previous one or is a ``RunError`` naming the file.
     """
     training = config.training
     run_dir = Path(run_dir)
     task_data = task_data or load_task_data(config.task, config.space, seed=training.seed)
     completed = prepare_run_dir(run_dir, config, resume)
+    durable.set_aside_cut_record(RunDir(run_dir).log)
     steps_per_epoch = max(1, len(task_data.train.targets) // training.batch_size)
     strategy = build_strategy(config, steps_per_epoch)
     torch.manual_seed(training.seed)
@@ -336,8 +340,7 @@ def train(
             state["train_seconds"] = state["train_seconds"] + time.perf_counter() - started
             state["strategy"] = strategy.state_dict()
             save_checkpoint(run_dir, supernet, optimizer, state, frozen)
-            with open(RunDir(run_dir).log, "a") as log:
-                log.write(json.dumps(record) + "\n")
+            jsonio.append_line(RunDir(run_dir).log, record)
             logger.info("epoch %d/%d (%s) loss %.4f accuracy %.4f", epoch + 1, training.epochs, phase.name, record["loss"], record["train_accuracy"])
             epochs_run += 1
     finally:
@@ -349,7 +352,7 @@ def train(
         metrics["epochs"] = training.epochs
         metrics["phases"] = [record.get("phase") for record in state["history"]]
         metrics["train_seconds"] = state["train_seconds"]
-        atomic_write_text(RunDir(run_dir).metrics, json.dumps(metrics, indent=1))
+        jsonio.write(RunDir(run_dir).metrics, metrics)
     return TrainResult(run_dir, metrics, completed)
 
 

@@ -15,8 +15,11 @@ from .base import (
     OptionRule,
     block_type,
     choice,
+    choice_index,
+    choice_problem,
     register_block,
     type_of,
+    value_kind,
 )
 
 __all__ = [
@@ -31,6 +34,9 @@ __all__ = [
     "OptionRule",
     "block_type",
     "choice",
+    "choice_index",
+    "choice_problem",
     "register_block",
     "type_of",
+    "value_kind",
 ]

@@ -35,6 +35,12 @@ class IntRule:
     maximum: int
     odd: bool = False
 
+    takes: ClassVar[str] = "integers"
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has this rule's type: a real ``int`` (``12.0`` and ``True`` are not)."""
+        return isinstance(value, int) and not isinstance(value, bool)
+
     def problem(self, value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be an integer, got {value!r}"
@@ -58,6 +64,12 @@ class FloatRule:
     minimum: float
     maximum: float
 
+    takes: ClassVar[str] = "numbers"
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has this rule's type: an ``int`` or a ``float`` (a bool is not a number here)."""
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
     def problem(self, value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"must be a number, got {value!r}"
@@ -78,8 +90,14 @@ class OptionRule:
 
     values: tuple[str, ...]
 
+    takes: ClassVar[str] = "names (strings)"
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has this rule's type: a ``str``."""
+        return isinstance(value, str)
+
     def problem(self, value: Any) -> str | None:
-        if value in self.values:
+        if isinstance(value, str) and value in self.values:
             return None
         return f"must be one of {list(self.values)}, got {value!r}{did_you_mean(value, self.values)}"
 
@@ -94,6 +112,12 @@ class OptionRule:
 class BoolRule:
     """``true`` or ``false``; ``true`` counts as the larger choice."""
 
+    takes: ClassVar[str] = "true or false"
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has this rule's type: a ``bool`` (``1`` and ``0`` are not)."""
+        return isinstance(value, bool)
+
     def problem(self, value: Any) -> str | None:
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
 
@@ -105,6 +129,56 @@ class BoolRule:
 
 
 Rule = IntRule | FloatRule | OptionRule | BoolRule
+
+
+def value_kind(value: Any) -> str:
+    """The kind of ``value`` in the words of JSON and YAML (``"a float"``, ``"a boolean"``, ``"a string"``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def choice_index(rule: Rule, choices: tuple[Any, ...], value: Any) -> int | None:
+    """The position of ``value`` among ``choices`` (the values a space allows for a field of ``rule``), or ``None``.
+
+    Types are exact: ``value`` must have the rule's type (an integer field refuses ``5.0``, a boolean field ``1``);
+    a number field (``FloatRule``) takes an int or a float and matches a choice by value (``4.0`` is the choice ``4``).
+    """
+    if not rule.accepts(value):
+        return None
+    for index, allowed in enumerate(choices):
+        if rule.accepts(allowed) and allowed == value:
+            return index
+    return None
+
+
+def choice_problem(rule: Rule, choices: tuple[Any, ...], value: Any) -> str | None:
+    """``None`` when ``value`` is one of ``choices`` (see ``choice_index``), else the rule, the value and, when the type
+    is wrong, what the field takes: ``must be one of [3, 5], got 5.0 (a float; this field takes integers)``."""
+    if choice_index(rule, choices, value) is not None:
+        return None
+    allowed = list(choices)
+    if not rule.accepts(value):
+        return f"must be one of {allowed}, got {_short(value)} ({value_kind(value)}; this field takes {rule.takes})"
+    hint = did_you_mean(value, [choice for choice in choices if isinstance(choice, str)]) if isinstance(value, str) else ""
+    return f"must be one of {allowed}, got {_short(value)}{hint}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def choice(rule: Rule, description: str) -> Any:
@@ -230,10 +304,11 @@ class BlockChoices:
         """Raise ``ValueError`` naming the first field of ``config`` outside these choices."""
         if type(config) is not self.entry.config_class:
             raise ValueError(f"expected a {self.entry.config_class.__name__}, got {type(config).__name__}")
+        rules = self.entry.rules
         for name, values in self.fields:
-            value = getattr(config, name)
-            if value not in values:
-                raise ValueError(f"{self.type}.{name} must be one of {list(values)}, got {value!r}")
+            problem = choice_problem(rules[name], values, getattr(config, name))
+            if problem is not None:
+                raise ValueError(f"{self.type}.{name} {problem}")
 
 
 class ElasticBlock(nn.Module, ABC):

@@ -12,8 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from nas.data.tasks import load_task_data
 from nas.export.onnx import read_metadata
+from nas.space.schema import load_config
 from nas.supernets.space import Arch
+from nas.training.evaluation import prepare_batch
 
 
 @pytest.mark.slow
@@ -26,6 +29,8 @@ def test_nas_run_quickstart_reaches_the_accuracy_targets_and_exports_checked_fro
     assert metrics["smallest"]["test"] >= 0.93
 
     summary = json.loads((run_dir / "pareto.json").read_text())
+    config = load_config("digits_quick")
+    task_data = load_task_data(config.task, config.space, seed=config.training.seed)
     assert summary["distinct_trials"] == 40
     assert set(summary["fronts"]) == {"cpu_fp32", "cpu_int8"}
     for target, front in summary["fronts"].items():
@@ -47,6 +52,11 @@ def test_nas_run_quickstart_reaches_the_accuracy_targets_and_exports_checked_fro
             session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
             logits = session.run(None, {"input": np.zeros((4, 1, arch.resolution, arch.resolution), np.float32)})[0]
             assert logits.shape == (4, 10)
+            # the reported validation accuracy is the shipped model's (model.int8.onnx on the INT8 front)
+            shipped = ort.InferenceSession(str(folder / member["model"]), providers=["CPUExecutionProvider"])
+            inputs, targets = prepare_batch(task_data.val.inputs, task_data.val.targets, arch)
+            val_accuracy = float(np.mean(shipped.run(None, {"input": inputs.numpy()})[0].argmax(-1) == targets.numpy()))
+            assert member["val_accuracy"] == val_accuracy, f"trial {member['trial']} on {target}"
     report = (run_dir / "report.md").read_text()
     assert "## INT8 vs fp32 by op type (this CPU)" in report and "Conv" in report
     assert (run_dir / "pareto.png").exists() and (run_dir / "trials.csv").exists()

@@ -98,8 +98,8 @@ def test_set_active_rejects_archs_outside_the_space_without_clamping() -> None:
     supernet = Supernet(space)
     good = space.largest()
     bad_width = type(good)(tuple(type(s)(s.width + 1, s.blocks) for s in good.stages), good.resolution)
-    with pytest.raises(ArchError, match=r"stages\[0\]\.width must be one of"):
+    with pytest.raises(ArchError, match=r"stages\[0\]\.width: must be one of"):
         supernet.set_active(bad_width)
-    with pytest.raises(ArchError, match="resolution must be one of"):
+    with pytest.raises(ArchError, match="resolution: must be one of"):
         supernet.set_active(type(good)(good.stages, 17))
     assert supernet.arch == good

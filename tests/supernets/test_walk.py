@@ -174,7 +174,7 @@ def test_from_params_refuses_missing_inactive_and_unknown_parameters() -> None:
         walk.from_params({**params, "s0.b1.gated_attention.head_dim": 8})
     with pytest.raises(ArchError, match=r"unknown parameter\(s\) \['s9.depth'\]"):
         walk.from_params({**params, "s9.depth": 1})
-    with pytest.raises(ArchError, match=r"stages\[0\].blocks\[0\].key_dim must be one of \[8, 16\], got 12"):
+    with pytest.raises(ArchError, match=r"stages\[0\].blocks\[0\].key_dim: must be one of \[8, 16\], got 12"):
         walk.from_params({**params, "s0.b0.gla.key_dim": 12})
 
 
@@ -184,19 +184,21 @@ def test_check_names_the_place_the_rule_and_the_value() -> None:
     stage = good.stages[0]
     bad_field = dataclasses.replace(stage.blocks[1], key_dim=12)
     cases = {
-        r"sequence_length must be one of \[16, 32\], got 20": dataclasses.replace(good, sequence_length=20),
-        r"stages\[0\].width must be one of \[16, 24\], got 20": Arch((StageArch(20, stage.blocks),), sequence_length=32),
-        r"stages\[0\].depth must be one of \[2, 3\], got 4": Arch((StageArch(24, (*stage.blocks, stage.blocks[0])),), sequence_length=32),
-        r"stages\[0\].blocks\[1\].key_dim must be one of \[8, 16\], got 12": Arch(
+        r"sequence_length: must be one of \[16, 32\], got 20": dataclasses.replace(good, sequence_length=20),
+        r"stages\[0\].width: must be one of \[16, 24\], got 20": Arch((StageArch(20, stage.blocks),), sequence_length=32),
+        r"stages\[0\].depth: must be one of \[2, 3\], got 4 \(the number of blocks listed\)": Arch(
+            (StageArch(24, (*stage.blocks, stage.blocks[0])),), sequence_length=32
+        ),
+        r"stages\[0\].blocks\[1\].key_dim: must be one of \[8, 16\], got 12": Arch(
             (StageArch(24, (stage.blocks[0], bad_field, stage.blocks[2])),), sequence_length=32
         ),
-        r"arch has 2 stages, the space 'mixed' has 1": Arch((stage, stage), sequence_length=32),
+        r"stages: must list 1 stage\(s\), as the space 'mixed' has, got 2": Arch((stage, stage), sequence_length=32),
     }
     for message, arch in cases.items():
         with pytest.raises(ArchError, match=message):
             space.check(arch)
     image = SPACES["tiny_digits"].largest()
-    with pytest.raises(ArchError, match=r"stages\[0\].blocks\[0\].type must be one of \['gated_attention', 'gla'\], got 'mbconv'"):
+    with pytest.raises(ArchError, match=r"stages\[0\].blocks\[0\].type: must be one of \['gated_attention', 'gla'\], got 'mbconv'"):
         space.check(Arch((StageArch(24, image.stages[0].blocks),), sequence_length=32))
     with pytest.raises(ArchError, match=r"stages\[0\].blocks\[0\].type: int is not a registered block config"):
         space.check(Arch((StageArch(24, (3, 3)),), sequence_length=32))
