@@ -41,6 +41,30 @@ def head_rows(num_heads: int, active_dim: int, max_dim: int, device: torch.devic
     return (heads + torch.arange(active_dim, device=device).unsqueeze(0)).reshape(-1)
 
 
+def importance_order(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Indices of ``weight``'s slices along ``dim`` by decreasing L1 norm (ties keep their order): the channel
+    importance Once-for-All sorts by before shrinking widths."""
+    other = [axis for axis in range(weight.ndim) if axis != dim % weight.ndim]
+    scores = weight.detach().abs().sum(dim=other) if other else weight.detach().abs()
+    return torch.argsort(-scores, stable=True)
+
+
+def head_major_order(head_order: torch.Tensor, dim_orders: torch.Tensor | None, max_dim: int) -> torch.Tensor:
+    """The row permutation of a head-major layout ``[max_heads * max_dim, ...]`` that puts head ``head_order[i]``
+    in place ``i`` and, inside each head ``h``, its dims in the order ``dim_orders[h]`` (``[max_heads, max_dim]``;
+    None keeps the dims' order)."""
+    heads = head_order.shape[0]
+    if dim_orders is None:
+        dim_orders = torch.arange(max_dim).expand(heads, max_dim)
+    return (head_order.unsqueeze(1) * max_dim + dim_orders[head_order]).reshape(-1)
+
+
+def _permute_(tensor: torch.Tensor | None, order: torch.Tensor | None, dim: int) -> None:
+    """Permute ``tensor`` in place along ``dim`` (slice ``i`` becomes the old slice ``order[i]``)."""
+    if tensor is not None and order is not None:
+        tensor.copy_(tensor.index_select(dim, order.to(tensor.device)))
+
+
 class _ActiveWeightCache:
     """Keeps the contiguous active weights of the last choice while gradients are off (evaluation, latency
     measurement), so inference on a supernet does not re-slice and re-transform weights on every call. The
@@ -144,6 +168,16 @@ class ElasticConv2d(nn.Module):
             conv.load_state_dict(state)
         return conv
 
+    @torch.no_grad()
+    def permute_(self, out_order: torch.Tensor | None = None, in_order: torch.Tensor | None = None) -> None:
+        """Reorder the output channels (and bias) by ``out_order`` and the input channels by ``in_order``, in place.
+        A depthwise convolution has one filter per channel: only ``out_order`` applies."""
+        if self.depthwise and in_order is not None:
+            raise ValueError("a depthwise convolution permutes its channels through out_order only")
+        _permute_(self.weight, out_order, 0)
+        _permute_(self.bias, out_order, 0)
+        _permute_(self.weight, in_order, 1)
+
 
 class ElasticBatchNorm2d(nn.Module):
     """Batch norm over the leading ``channels`` of its largest choice.
@@ -187,6 +221,12 @@ class ElasticBatchNorm2d(nn.Module):
             factor,
             self.eps,
         )
+
+    @torch.no_grad()
+    def permute_(self, order: torch.Tensor) -> None:
+        """Reorder the channels (affine parameters and running statistics) by ``order``, in place."""
+        for tensor in (self.weight, self.bias, self.running_mean, self.running_var):
+            _permute_(tensor, order, 0)
 
     def export(self, channels: int) -> nn.BatchNorm2d:
         norm = nn.BatchNorm2d(channels, eps=self.eps)
@@ -233,6 +273,13 @@ class ElasticLinear(nn.Module):
         weight, bias = self._cache.get(self, choice, lambda: self.active(in_features, out_features))
         return F.linear(x, weight, bias)
 
+    @torch.no_grad()
+    def permute_(self, out_order: torch.Tensor | None = None, in_order: torch.Tensor | None = None) -> None:
+        """Reorder the output features (rows and bias) by ``out_order`` and the input features by ``in_order``."""
+        _permute_(self.weight, out_order, 0)
+        _permute_(self.bias, out_order, 0)
+        _permute_(self.weight, in_order, 1)
+
     def export(self, in_features: int | torch.Tensor, out_features: int | torch.Tensor) -> nn.Linear:
         weight, bias = self.active(in_features, out_features)
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -277,5 +324,7 @@ __all__ = [
     "ElasticLinear",
     "centred_kernel",
     "count_parameters",
+    "head_major_order",
     "head_rows",
+    "importance_order",
 ]

@@ -320,6 +320,14 @@ class Supernet(nn.Module):
         static = StaticNet(stem, [cast(ElasticStage, stage).extract() for stage in self.stages], head)
         return static.train(self.training)
 
+    @torch.no_grad()
+    def reorder_channels(self) -> None:
+        """Reorder every block's inner channels by importance (``ElasticBlock.reorder_channels``); the largest
+        arch's function is unchanged."""
+        for module in self.modules():
+            if isinstance(module, ElasticBlock):
+                module.reorder_channels()
+
     def batch_norms(self) -> list[ElasticBatchNorm2d]:
         return [module for module in self.modules() if isinstance(module, ElasticBatchNorm2d)]
 

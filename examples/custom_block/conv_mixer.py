@@ -23,7 +23,7 @@ from nas.supernets.elastic import ElasticBatchNorm2d, ElasticConv2d
 class ConvMixerConfig:
     """One concrete ConvMixer choice."""
 
-    kernel_size: int = choice(IntRule(1, 15, odd=True), "depthwise kernel size")
+    kernel_size: int = choice(IntRule(1, 15, odd=True), "depthwise kernel size", shrinks="kernel")
     activation: str = choice(OptionRule(("gelu", "relu")), "activation after each convolution")
 
 

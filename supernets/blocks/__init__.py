@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .base import (
     BLOCKS,
+    SHRINK_KINDS,
     BlockChoices,
     BlockContext,
     BlockType,
@@ -17,6 +18,7 @@ from .base import (
     choice,
     choice_index,
     choice_problem,
+    field_shrinks,
     register_block,
     type_of,
     value_kind,
@@ -32,10 +34,12 @@ __all__ = [
     "FloatRule",
     "IntRule",
     "OptionRule",
+    "SHRINK_KINDS",
     "block_type",
     "choice",
     "choice_index",
     "choice_problem",
+    "field_shrinks",
     "register_block",
     "type_of",
     "value_kind",

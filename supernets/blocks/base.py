@@ -181,14 +181,39 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def choice(rule: Rule, description: str) -> Any:
-    """Declare a config field searchable under ``rule``."""
-    return dataclasses.field(metadata={"rule": rule, "description": description})
+SHRINK_KINDS = ("kernel", "width", "switch")
+"""How a field shrinks, which decides when progressive shrinking (Once-for-All) unlocks it:
+
+* ``kernel``: a kernel-like size (a depthwise kernel, a band length), unlocked first, through the kernel transforms;
+* ``width``: a width-like size (expand ratio, heads, key or hidden width), unlocked last, in two steps, after the
+  channels are reordered by importance;
+* ``switch``: a discrete choice with no size order (an activation, a gate on/off, an FFN kind), unlocked with the
+  last width step.
+"""
+
+
+def default_shrink(rule: Rule) -> str:
+    """The shrink kind of a field that does not declare one: ``width`` for numbers, ``switch`` otherwise."""
+    return "width" if isinstance(rule, IntRule | FloatRule) else "switch"
+
+
+def choice(rule: Rule, description: str, *, shrinks: str | None = None) -> Any:
+    """Declare a config field searchable under ``rule``. ``shrinks`` is one of ``SHRINK_KINDS`` (when training
+    with progressive shrinking unlocks it); by default ``default_shrink(rule)``."""
+    kind = default_shrink(rule) if shrinks is None else shrinks
+    if kind not in SHRINK_KINDS:
+        raise ValueError(f"choice(shrinks=...) must be one of {list(SHRINK_KINDS)}, got {kind!r}{did_you_mean(str(kind), SHRINK_KINDS)}")
+    return dataclasses.field(metadata={"rule": rule, "description": description, "shrinks": kind})
 
 
 def field_rules(config_class: type) -> dict[str, Rule]:
     """The rule of every field of a block config class, in declaration order."""
     return {field.name: field.metadata["rule"] for field in dataclasses.fields(config_class)}
+
+
+def field_shrinks(config_class: type) -> dict[str, str]:
+    """The shrink kind (see ``SHRINK_KINDS``) of every field of a block config class, in declaration order."""
+    return {field.name: field.metadata.get("shrinks") or default_shrink(field.metadata["rule"]) for field in dataclasses.fields(config_class)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +241,11 @@ class BlockType:
     @property
     def rules(self) -> dict[str, Rule]:
         return field_rules(self.config_class)
+
+    @property
+    def shrinks(self) -> dict[str, str]:
+        """Each field's shrink kind (``kernel``, ``width`` or ``switch``)."""
+        return field_shrinks(self.config_class)
 
 
 BLOCKS: Registry[BlockType] = Registry("block type", discover="nas.supernets.blocks")
@@ -354,6 +384,12 @@ class ElasticBlock(nn.Module, ABC):
     @abstractmethod
     def extract(self) -> nn.Module:
         """A static module equal to the active choice in eval mode, sharing no storage with this block."""
+
+    def reorder_channels(self) -> None:
+        """Permute the block's inner channels (hidden units, heads, per-head dims) so that the most important (by
+        L1 norm, as Once-for-All does before shrinking widths) come first, leaving the function of the block at its
+        largest choice unchanged; every smaller width then keeps the most important ones. Called under
+        ``torch.no_grad`` by strategies that shrink widths. By default nothing is reordered."""
 
     def build_static(self, layers: Mapping[str, nn.Module]) -> nn.Module:
         """A fresh static twin of the active choice loaded (strictly) from exported ``layers``, keyed by the

@@ -27,7 +27,7 @@ from torch import nn
 
 from nas.kernels.gla import gated_linear_attention
 
-from ..elastic import ElasticLayerNorm, ElasticLinear, head_rows
+from ..elastic import ElasticLayerNorm, ElasticLinear, head_major_order, head_rows, importance_order
 from .base import BlockChoices, BlockContext, IntRule, choice, register_block
 from .metaformer import (
     ElasticMetaFormerBlock,
@@ -46,9 +46,9 @@ GATE_TEMPERATURE = 16.0
 class GLAConfig:
     """Gated linear attention token mixer, then a feed-forward network."""
 
-    num_heads: int = choice(IntRule(1, 64), "attention heads")
-    key_dim: int = choice(IntRule(4, 256), "key width of each head (rows of its recurrent state)")
-    value_dim: int = choice(IntRule(4, 512), "value width of each head (columns of its recurrent state)")
+    num_heads: int = choice(IntRule(1, 64), "attention heads", shrinks="width")
+    key_dim: int = choice(IntRule(4, 256), "key width of each head (rows of its recurrent state)", shrinks="width")
+    value_dim: int = choice(IntRule(4, 512), "value width of each head (columns of its recurrent state)", shrinks="width")
     ffn: str = ffn_field()
     mlp_ratio: float = mlp_ratio_field()
     activation: str = activation_field()
@@ -114,7 +114,7 @@ class ElasticGatedLinearAttentionLayer(ElasticTokenMixer):
     def __init__(self, context: BlockContext, choices: BlockChoices) -> None:
         super().__init__(context, choices)
         channels = context.in_channels
-        max_heads = max(choices["num_heads"])
+        max_heads = self.max_heads = max(choices["num_heads"])
         self.max_key_dim = max(choices["key_dim"])
         self.max_value_dim = max(choices["value_dim"])
         key_width, value_width = max_heads * self.max_key_dim, max_heads * self.max_value_dim
@@ -147,6 +147,24 @@ class ElasticGatedLinearAttentionLayer(ElasticTokenMixer):
             lambda heads: self.head_norm(heads, config.value_dim),
         )
         return self.output(heads, value_rows, channels)
+
+    def reorder_channels(self) -> None:
+        """Sort the heads by the L1 norm of the output projection's columns on them; inside each head, sort the
+        key dims (query, key and forget-gate rows together: the recurrent state's rows permute, the output does not
+        change) by the L1 norm of their query and key rows. Value dims keep their order: the head norm's weights
+        are shared by every head, so one head's value order is every head's."""
+        heads, key_dim, value_dim = self.max_heads, self.max_key_dim, self.max_value_dim
+        output = self.output.weight.detach().abs()
+        head_order = importance_order(output.reshape(-1, heads, value_dim).sum(dim=2), 1)
+        query_key = (self.query.weight.detach().abs().sum(1) + self.key.weight.detach().abs().sum(1)).reshape(heads, key_dim)
+        key_rows = head_major_order(head_order, torch.argsort(-query_key, dim=1, stable=True), key_dim)
+        value_rows = head_major_order(head_order, None, value_dim)
+        self.query.permute_(out_order=key_rows)
+        self.key.permute_(out_order=key_rows)
+        self.forget_up.permute_(out_order=key_rows)
+        self.value.permute_(out_order=value_rows)
+        self.output_gate.permute_(out_order=value_rows)
+        self.output.permute_(in_order=value_rows)
 
     def export_layers(self, config: GLAConfig, channels: int) -> dict[str, nn.Module]:
         key_rows, value_rows = self._rows(config, self.query.weight.device)

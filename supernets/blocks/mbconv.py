@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..elastic import ElasticBatchNorm2d, ElasticConv2d
+from ..elastic import ElasticBatchNorm2d, ElasticConv2d, importance_order
 from ..layers import hidden_channels, make_activation, make_divisible
 from .base import (
     BlockChoices,
@@ -34,10 +34,10 @@ from .base import (
 class MBConvConfig:
     """One concrete MBConv choice."""
 
-    kernel_size: int = choice(IntRule(1, 11, odd=True), "depthwise kernel size")
-    expand_ratio: float = choice(FloatRule(1, 12), "hidden width / input width; 1 means no expansion conv")
-    activation: str = choice(OptionRule(("relu", "relu6", "hard_swish", "silu")), "activation after expansion and depthwise conv")
-    squeeze_excite: bool = choice(BoolRule(), "squeeze-and-excitation after the depthwise conv")
+    kernel_size: int = choice(IntRule(1, 11, odd=True), "depthwise kernel size", shrinks="kernel")
+    expand_ratio: float = choice(FloatRule(1, 12), "hidden width / input width; 1 means no expansion conv", shrinks="width")
+    activation: str = choice(OptionRule(("relu", "relu6", "hard_swish", "silu")), "activation after expansion and depthwise conv", shrinks="switch")
+    squeeze_excite: bool = choice(BoolRule(), "squeeze-and-excitation after the depthwise conv", shrinks="switch")
 
 
 def squeeze_channels(hidden: int) -> int:
@@ -182,6 +182,24 @@ class ElasticMBConv(ElasticBlock):
         out = self.project_conv(out, hidden, self.out_channels, 1)
         out = self.project_norm(out, self.out_channels)
         return out + x if self.use_residual else out
+
+    def reorder_channels(self) -> None:
+        """Sort the hidden channels by the L1 norm of the projection's weights on them (Once-for-All's
+        ``re_organize_middle_weights``): expansion conv + BN outputs, depthwise conv + BN, SE and projection inputs
+        move together. Skipped when ``expand_ratio`` 1 is a choice: that choice runs the depthwise conv on the input
+        channels themselves, whose order is not the block's to change."""
+        if 1 in self.choices["expand_ratio"]:
+            return
+        assert self.expand_conv is not None and self.expand_norm is not None, "every expand_ratio differs from 1, so the expansion exists"
+        order = importance_order(self.project_conv.weight, 1)
+        self.expand_conv.permute_(out_order=order)
+        self.expand_norm.permute_(order)
+        self.depthwise_conv.permute_(out_order=order)
+        self.depthwise_norm.permute_(order)
+        if self.se_reduce is not None and self.se_expand is not None:
+            self.se_reduce.permute_(in_order=order)
+            self.se_expand.permute_(out_order=order)
+        self.project_conv.permute_(in_order=order)
 
     def extract(self) -> MBConv:
         """A static ``MBConv`` for the active choice with cloned weights."""

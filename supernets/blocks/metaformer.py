@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from ..elastic import ElasticLayerNorm, ElasticLinear, head_rows
+from ..elastic import ElasticLayerNorm, ElasticLinear, head_major_order, head_rows, importance_order
 from ..layers import hidden_channels, make_activation
 from .base import (
     BlockChoices,
@@ -46,17 +46,17 @@ FFN_FIELD_NAMES = ("ffn", "mlp_ratio", "activation")
 
 def ffn_field() -> Any:
     """The ``ffn`` field shared by every MetaFormer config (declare it after the token mixer's fields)."""
-    return choice(OptionRule(FFN_KINDS), "feed-forward network: gated (glu) or plain two-layer (mlp)")
+    return choice(OptionRule(FFN_KINDS), "feed-forward network: gated (glu) or plain two-layer (mlp)", shrinks="switch")
 
 
 def mlp_ratio_field() -> Any:
     """The ``mlp_ratio`` field shared by every MetaFormer config."""
-    return choice(FloatRule(0.5, 8), "feed-forward hidden width as a multiple of the block width")
+    return choice(FloatRule(0.5, 8), "feed-forward hidden width as a multiple of the block width", shrinks="width")
 
 
 def activation_field() -> Any:
     """The ``activation`` field shared by every MetaFormer config."""
-    return choice(OptionRule(FFN_ACTIVATIONS), "activation of the feed-forward network")
+    return choice(OptionRule(FFN_ACTIVATIONS), "activation of the feed-forward network", shrinks="switch")
 
 
 class FFNSettings(Protocol):
@@ -138,6 +138,15 @@ class ElasticFeedForward(nn.Module):
         assert self.gate is not None, "set_active admits glu only when it is among the choices"
         return self.down(activation(self.gate(x, channels, hidden)) * up, hidden, channels)
 
+    def reorder_channels(self) -> None:
+        """Sort the hidden units by the L1 norm of the down projection's weights on them; up and gate rows move
+        with them. The output is unchanged at every width (each hidden unit is computed independently)."""
+        order = importance_order(self.down.weight, 1)
+        self.up.permute_(out_order=order)
+        if self.gate is not None:
+            self.gate.permute_(out_order=order)
+        self.down.permute_(in_order=order)
+
     def export_layers(self, config: FFNSettings, channels: int) -> dict[str, nn.Module]:
         """The static layers of the active choice, named as in ``FeedForward``."""
         hidden = hidden_channels(channels, config.mlp_ratio)
@@ -164,6 +173,9 @@ class ElasticTokenMixer(nn.Module, ABC):
     @abstractmethod
     def export_layers(self, config: Any, channels: int) -> dict[str, nn.Module]:
         """The static layers of the active choice, named as in the static mixer."""
+
+    def reorder_channels(self) -> None:
+        """See ``ElasticBlock.reorder_channels``; by default the mixer keeps its order."""
 
 
 class MetaFormerBlock(nn.Module):
@@ -225,6 +237,11 @@ class ElasticMetaFormerBlock(ElasticBlock):
         tokens = tokens + self.token_mixer(self.norm1(tokens, channels), self.config, channels)
         return tokens + self.ffn(self.norm2(tokens, channels), self.config, channels)
 
+    def reorder_channels(self) -> None:
+        """Reorder the token mixer's heads and the feed-forward network's hidden units by importance."""
+        self.token_mixer.reorder_channels()
+        self.ffn.reorder_channels()
+
     def export_layers(self) -> dict[str, nn.Module]:
         """Static layers of the active choice, named as in the static block."""
         channels = self.in_channels
@@ -244,8 +261,8 @@ class ElasticMetaFormerBlock(ElasticBlock):
 class GatedAttentionConfig:
     """Multi-head softmax self-attention with a head-wise sigmoid output gate, then a feed-forward network."""
 
-    num_heads: int = choice(IntRule(1, 64), "attention heads")
-    head_dim: int = choice(IntRule(4, 256), "query, key and value width of each head")
+    num_heads: int = choice(IntRule(1, 64), "attention heads", shrinks="width")
+    head_dim: int = choice(IntRule(4, 256), "query, key and value width of each head", shrinks="width")
     ffn: str = ffn_field()
     mlp_ratio: float = mlp_ratio_field()
     activation: str = activation_field()
@@ -335,6 +352,22 @@ class ElasticGatedSelfAttention(ElasticTokenMixer):
             self.causal,
         )
         return self.output(heads, rows, channels)
+
+    def reorder_channels(self) -> None:
+        """Sort the heads by the L1 norm of the output projection's columns on them (the gate rows move with the
+        heads); inside each head, sort the query/key dims (together, which keeps every score) by the L1 norm of
+        their query and key rows, and the value dims by the output projection's columns."""
+        heads, dim = self.max_heads, self.max_head_dim
+        output = self.output.weight.detach().abs()
+        head_order = importance_order(output.reshape(-1, heads, dim).sum(dim=2), 1)
+        query_key = (self.query.weight.detach().abs().sum(1) + self.key.weight.detach().abs().sum(1)).reshape(heads, dim)
+        key_rows = head_major_order(head_order, torch.argsort(-query_key, dim=1, stable=True), dim)
+        value_rows = head_major_order(head_order, torch.argsort(-output.sum(0).reshape(heads, dim), dim=1, stable=True), dim)
+        self.query.permute_(out_order=key_rows)
+        self.key.permute_(out_order=key_rows)
+        self.value.permute_(out_order=value_rows)
+        self.gate.permute_(out_order=head_order)
+        self.output.permute_(in_order=value_rows)
 
     def export_layers(self, config: GatedAttentionConfig, channels: int) -> dict[str, nn.Module]:
         rows = self._rows(config, self.query.weight.device)
