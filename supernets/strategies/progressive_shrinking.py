@@ -137,7 +137,7 @@ def phase_space(space: SearchSpace, name: str) -> SearchSpace:
         }[kind]
         rule = block_type(type_name).rules[field_name]
         count = len(choices) if unlocked and (kind != "width" or name == "width_2") else 2 if unlocked else 1
-        remaining, kept = list(choices), []
+        remaining, kept = list(choices), list[Any]()
         while remaining and len(kept) < count:
             kept.append(rule.largest(tuple(remaining)))
             remaining.remove(kept[-1])
