@@ -101,10 +101,12 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def command_export(args: argparse.Namespace) -> int:
+    if args.sorted:
+        return _export_sorted(args)
     if args.pareto or args.trial is not None:
         return _export_from_study(args)
     if not args.arch:
-        raise UsageError("nas export needs --arch, --pareto or --trial N")
+        raise UsageError("nas export needs --arch, --pareto, --trial N or --sorted")
     from nas.export.subnet import export_arch
 
     report = export_arch(Path(args.run_dir), args.arch, int8=args.int8, out=Path(args.out) if args.out else None)
@@ -140,6 +142,27 @@ def _export_from_study(args: argparse.Namespace) -> int:
         else:
             _print_export(export.report)
     return 1 if failures else 0
+
+
+def _export_sorted(args: argparse.Namespace) -> int:
+    from nas.export.sorted import REPORT_FILE, SUMMARY_FILE, export_sorted
+
+    result = export_sorted(Path(args.run_dir), int8=args.int8, out=Path(args.out) if args.out else None, progress=_progress_factory())
+    for member in result.summary["members"]:
+        latency = member["latency_ms"]
+        share = member["share_of_largest"]
+        print(
+            f"  m{member['index']:02d} t={member['t']:.3f}  {member['arch_name']:28s} {member['params']:>12,} params  "
+            f"test acc {member['onnx_test_accuracy']:.4f} ({'-' if share is None else f'{share:.1%}'} of the largest)  "
+            f"{latency['median_ms']:.4g} ms (p10 {latency['p10_ms']:.4g}, cv {latency['cv']:.1%})"
+        )
+    mean = result.summary["mean_share_of_smaller"]
+    print(f"wrote {len(result.members)} members to {result.out_dir}; the smaller ones keep {'-' if mean is None else f'{mean:.1%}'} of the largest's accuracy")
+    for member in result.members:
+        if member.report.int8_error:
+            print(f"  m{member.index:02d}: INT8 left out: {member.report.int8_error}")
+    print(f"report: {result.out_dir / REPORT_FILE}  summary: {result.out_dir / SUMMARY_FILE}")
+    return 0
 
 
 def _print_export(report: Any) -> None:
@@ -228,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--arch", help="'largest', 'smallest', arch JSON, or a .json/.yaml file")
     which.add_argument("--pareto", action="store_true", help="every member of the search's fronts (to RUN_DIR/pareto)")
     which.add_argument("--trial", type=int, help="the arch of one search trial")
+    which.add_argument("--sorted", action="store_true", help="every member of a sorted-strategy run's nested family (to RUN_DIR/sorted)")
     export.add_argument("--int8", action="store_true", help="also write a static-QDQ INT8 model")
-    export.add_argument("--out", help="output folder (default RUN_DIR/exports/<arch>, or RUN_DIR/pareto)")
+    export.add_argument("--out", help="output folder (default RUN_DIR/exports/<arch>, RUN_DIR/pareto or RUN_DIR/sorted)")
     export.set_defaults(handler=command_export)
 
     run = commands.add_parser("run", help="train (or reuse) the supernet, search the accuracy-latency front, export it")
@@ -264,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nas.search.journal import JournalError
     from nas.space.schema import ConfigError
     from nas.supernets.space import ArchError
+    from nas.supernets.strategies import StrategyError
     from nas.training.loop import RunError
 
     try:
@@ -273,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError, RunBusyError, JournalError) as error:
+    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError, RunBusyError, JournalError, StrategyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExportError as error:

@@ -12,6 +12,7 @@ RUN/
   search/study.journal the Optuna study;   search/latency.jsonl  every latency measurement with its fingerprint
   trials.csv  pareto.json  pareto.png  report.md
   pareto/<member>/     model.onnx, model.int8.onnx, arch.yaml, weights.safetensors, export.json
+  sorted/<member>/, sorted.json, report.md   nas export --sorted (a SortedNet family)
 ```
 """
 
@@ -37,6 +38,7 @@ STUDY_FILE = "study.journal"
 LATENCY_FILE = "latency.jsonl"
 PARETO_DIR = "pareto"
 EXPORTS_DIR = "exports"
+SORTED_DIR = "sorted"
 
 EXPORT_ARCH_FILE = "arch.yaml"
 EXPORT_WEIGHTS_FILE = "weights.safetensors"
@@ -130,6 +132,11 @@ class RunDir:
     @property
     def exports(self) -> Path:
         return self.root / EXPORTS_DIR
+
+    @property
+    def sorted(self) -> Path:
+        """The members of a SortedNet family (``nas export RUN --sorted``)."""
+        return self.root / SORTED_DIR
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the run folder, with forward slashes (for JSON and reports)."""

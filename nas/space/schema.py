@@ -286,6 +286,10 @@ def parse_config(text: str, source: str = "<string>", *, base_dir: Path | None =
                 )
             ],
         )
+    strategy = STRATEGIES.get(config.training.strategy)
+    strategy_problems = [Problem(f"training.{key}", message) for key, message in strategy.check_space(config.training.strategy_options(), config.space)]
+    if strategy_problems:
+        raise ConfigError(source, strategy_problems)
     constraint_problems = _check_constraints(config.space, config.search) if check_constraints else []
     if constraint_problems:
         raise ConfigError(source, constraint_problems)

@@ -181,6 +181,12 @@ class TrainingStrategy(ABC, Generic[OptionsT]):
         return []
 
     @classmethod
+    def check_space(cls, options: OptionsT, space: SearchSpace) -> list[tuple[str, str]]:
+        """Rules that join the options with the space: ``(option name, message)`` for each broken one (reported as
+        ``training.<option name>: <message>`` by ``nas validate`` and before training starts)."""
+        return []
+
+    @classmethod
     def build_supernet(cls, space: SearchSpace, options: OptionsT) -> Supernet:
         """The network trained over ``space`` (built after the run's seed is set; its weights are then loaded from
         a checkpoint where one exists). ``set_active`` and ``extract`` must keep their meaning, so that evaluation
