@@ -313,12 +313,13 @@ def sorted_report(summary: dict[str, Any], *, space_name: str) -> str:
                 lines.append(f"- member {entry['index']}: left out: {entry['int8_error']}")
         lines.append("")
     fingerprint = summary["latency"]["fingerprint"]
-    described = ", ".join(f"{key} {value}" for key, value in fingerprint.items() if key not in ("cpu_flags", "target"))
+    # The fingerprint is the largest member's; each member runs at its own input size, so the shape is left out.
+    described = ", ".join(f"{key} {value}" for key, value in fingerprint.items() if key not in ("cpu_flags", "target", "input_shape"))
     lines += [
         "## How latency was measured",
         "",
         (
-            f"Every member's `model.onnx` on `{summary['latency']['target']}` ({described}), all members measured "
+            f"Every member's `model.onnx` on `{summary['latency']['target']}` ({described}), each at its own input size, all members measured "
             "interleaved in one call of the measurement protocol (warm-up, then rotating blocks until each median is "
             f"stable or the cap of {summary['latency']['measure_seconds_per_member']:g} s per member is reached). "
             "Median and 10th percentile of one run of the whole graph; ±CV is the robust spread (1.4826 MAD / median). "

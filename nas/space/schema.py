@@ -13,7 +13,8 @@ import functools
 import importlib.resources
 import math
 import re
-from collections.abc import Hashable
+import typing
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -157,16 +158,6 @@ class SpaceModel(_Strict):
     search: SearchModel = SearchModel()
 
 
-SECTIONS: dict[str, type[BaseModel]] = {
-    "task": TaskModel,
-    "stem": StemModel,
-    "head": HeadModel,
-    "stages": StageModel,
-    "training": TrainingModel,
-    "search": SearchModel,
-}
-
-
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     space: SearchSpace
@@ -287,7 +278,10 @@ def parse_config(text: str, source: str = "<string>", *, base_dir: Path | None =
             ],
         )
     strategy = STRATEGIES.get(config.training.strategy)
-    strategy_problems = [Problem(f"training.{key}", message) for key, message in strategy.check_space(config.training.strategy_options(), config.space)]
+    strategy_problems = [
+        Problem(f"training.{key}", message)
+        for key, message in strategy.check_space(config.training.strategy_options(), config.space, epochs=config.training.epochs)
+    ]
     if strategy_problems:
         raise ConfigError(source, strategy_problems)
     constraint_problems = _check_constraints(config.space, config.search) if check_constraints else []
@@ -413,21 +407,22 @@ def _message(item: dict[str, Any]) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _pydantic_problems(data: dict[str, Any], errors: list[dict[str, Any]]) -> list[Problem]:
+def _pydantic_problems(data: dict[str, Any], errors: list[dict[str, Any]], root: type[BaseModel] = SpaceModel, skip: int = 0) -> list[Problem]:
     """One problem per broken rule. Within a union (``3`` or ``[3, 5]``), the members whose type does not even
-    match the input are dropped; when no member matches, one problem lists what is expected."""
+    match the input are dropped; when no member matches, one problem lists what is expected. ``root`` is the model
+    validated, at the path's element ``skip`` (a strategy's options model validates ``training:`` from element 1)."""
     problems: list[Problem] = []
     unions: dict[tuple[Any, ...], list[tuple[dict[str, Any], tuple[Any, ...]]]] = {}
     for item in errors:
         path, union = _locate(data, item)
         if union is None:
-            problems.append(_pydantic_problem(path, item))
+            problems.append(_pydantic_problem(path, item, root, skip))
         else:
             unions.setdefault(union, []).append((item, path))
     for union, members in unions.items():
         specific = [(item, path) for item, path in members if not (path == union and item["type"].endswith("_type"))]
         if specific:
-            problems += [_pydantic_problem(path, item) for item, path in specific]
+            problems += [_pydantic_problem(path, item, root, skip) for item, path in specific]
             continue
         expected: list[str] = []
         for item, _ in members:
@@ -440,16 +435,51 @@ def _pydantic_problems(data: dict[str, Any], errors: list[dict[str, Any]]) -> li
     return problems
 
 
-def _pydantic_problem(loc: tuple[Any, ...], item: dict[str, Any]) -> Problem:
+def _model_at(root: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``loc`` below ``root`` (field names; list indices pass
+    through to the item type), or None where no single model does."""
+    current: Any = root
+    for step in loc:
+        if isinstance(step, int):
+            continue
+        models = _models_in(current)
+        if len(models) != 1 or step not in models[0].model_fields:
+            return None
+        current = models[0].model_fields[step].annotation
+    models = _models_in(current)
+    return models[0] if len(models) == 1 else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    return [candidate for candidate in _annotation_types(annotation) if isinstance(candidate, type) and issubclass(candidate, BaseModel)]
+
+
+def _annotation_types(annotation: Any) -> list[Any]:
+    """Every type an annotation can hold (through ``X | Y``, ``Optional``, ``Annotated``, ``list[X]``, ``dict[K, X]``)."""
+    arguments = typing.get_args(annotation)
+    if not arguments:
+        return [annotation]
+    found: list[Any] = []
+    for argument in arguments:
+        found += _annotation_types(argument)
+    return found
+
+
+def _pydantic_problem(loc: tuple[Any, ...], item: dict[str, Any], root: type[BaseModel] = SpaceModel, skip: int = 0) -> Problem:
     path = format_path(loc)
     kind = item["type"]
     if kind == "extra_forbidden":
-        section = SECTIONS.get(str(loc[0]), SpaceModel) if len(loc) > 1 else SpaceModel
+        section = _model_at(root, loc[skip:-1])
+        if section is None:
+            return Problem(path, f"unknown key{did_you_mean(loc[-1], [])}")
         allowed = sorted(section.model_fields)
         return Problem(path, f"unknown key; allowed keys: {allowed}{did_you_mean(loc[-1], allowed)}")
     if kind == "missing":
         return Problem(path, "is required")
-    return Problem(path, f"{_message(item)}, got {_short(item.get('input'))}")
+    hint = ""
+    if kind == "literal_error" and isinstance(item.get("input"), str):
+        hint = did_you_mean(item["input"], re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", ""))))
+    return Problem(path, f"{_message(item)}, got {_short(item.get('input'))}{hint}")
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -617,7 +647,8 @@ def _check_training(data: dict[str, Any]) -> list[Problem]:
     try:
         validated = entry.options_type.model_validate(options)
     except ValidationError as error:
-        return problems + _pydantic_problems(data, [{**item, "loc": ("training", *item["loc"])} for item in error.errors()])
+        located = [{**item, "loc": ("training", *item["loc"])} for item in error.errors()]
+        return problems + _pydantic_problems(data, located, root=entry.options_type, skip=1)
     epochs = _field(TrainingModel, training, "epochs")
     if epochs is not _INVALID:
         problems += [Problem(f"training.{key}", message) for key, message in entry.check_options(validated, epochs=epochs)]

@@ -9,6 +9,7 @@ nasforge version.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -208,12 +209,31 @@ def build_supernet(config: RunConfig) -> Supernet:
     return STRATEGIES.get(config.training.strategy).build_supernet(config.space, config.training.strategy_options())
 
 
+def first_difference(old: str, new: str) -> str:
+    """Where two texts first differ, for a message: ``line 31: the run has '...', the file given has '...'``."""
+    old_lines, new_lines = old.splitlines(), new.splitlines()
+    for number, (before, after) in enumerate(itertools.zip_longest(old_lines, new_lines), start=1):
+        if before != after:
+            return f"line {number}: the run has {_clip(before)}, the file given has {_clip(after)}"
+    return "they differ only in line endings or trailing whitespace"
+
+
+def _clip(line: str | None) -> str:
+    if line is None:
+        return "no such line"
+    text = line.strip()
+    return repr(text if len(text) <= 100 else text[:97] + "...")
+
+
 def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> int:
     """Create or check ``run_dir``; returns the number of epochs already completed (0 for a new run)."""
     layout = RunDir(run_dir)
     if layout.config.exists():
         if layout.config.read_text() != config.text:
-            raise RunError(f"{run_dir} holds a run of a different space file; choose another --out")
+            raise RunError(
+                f"{run_dir} holds a run of a different space file ({first_difference(layout.config.read_text(), config.text)}); "
+                "a run continues only with the space file it started with: restore it, or choose another --out"
+            )
         folder = checkpoint_dir(run_dir)
         if folder is not None and not resume:
             raise RunError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")

@@ -181,9 +181,9 @@ class TrainingStrategy(ABC, Generic[OptionsT]):
         return []
 
     @classmethod
-    def check_space(cls, options: OptionsT, space: SearchSpace) -> list[tuple[str, str]]:
-        """Rules that join the options with the space: ``(option name, message)`` for each broken one (reported as
-        ``training.<option name>: <message>`` by ``nas validate`` and before training starts)."""
+    def check_space(cls, options: OptionsT, space: SearchSpace, *, epochs: int) -> list[tuple[str, str]]:
+        """Rules that join the options with the space (and the run's length): ``(option name, message)`` for each
+        broken one (reported as ``training.<option name>: <message>`` by ``nas validate`` and before training)."""
         return []
 
     @classmethod

@@ -167,8 +167,9 @@ def allocate_epochs(weights: list[float], epochs: int) -> list[int]:
     return allotted
 
 
-def plan_phases(space: SearchSpace, options: ProgressiveShrinkingOptions, epochs: int) -> list[PlannedPhase]:
-    """The phases of a run of ``epochs`` over ``space``: those with a positive weight that unlock something."""
+def plan_phases(space: SearchSpace, options: ProgressiveShrinkingOptions, epochs: int | None) -> list[PlannedPhase]:
+    """The phases of a run of ``epochs`` over ``space``: those with a positive weight that unlock something (with
+    ``epochs`` None, one epoch each: which phases run, not how long)."""
     weights = options.phase_epochs.model_dump()
     kept: list[tuple[str, SearchSpace]] = []
     for name in PHASES:
@@ -178,7 +179,7 @@ def plan_phases(space: SearchSpace, options: ProgressiveShrinkingOptions, epochs
         if kept and restricted == kept[-1][1]:
             continue
         kept.append((name, restricted))
-    lengths = allocate_epochs([float(weights[name]) for name, _ in kept], epochs)
+    lengths = [1] * len(kept) if epochs is None else allocate_epochs([float(weights[name]) for name, _ in kept], epochs)
     planned, start = [], 0
     for (name, restricted), length in zip(kept, lengths, strict=True):
         planned.append(PlannedPhase(name, restricted, start, length))
@@ -210,16 +211,23 @@ class ProgressiveShrinking(TrainingStrategy[ProgressiveShrinkingOptions]):
 
     @classmethod
     def check_options(cls, options: ProgressiveShrinkingOptions, *, epochs: int) -> list[tuple[str, str]]:
-        weights = options.phase_epochs.model_dump()
         problems = []
-        if weights["full"] <= 0:
+        if options.phase_epochs.full <= 0:
             problems.append(("phase_epochs.full", "must be > 0: the full network trains first and teaches the others"))
-        used = [name for name in PHASES if weights[name] > 0]
-        if epochs < len(used):
-            problems.append(
-                ("phase_epochs", f"{len(used)} phases ({', '.join(used)}) need at least {len(used)} epochs, got {epochs}; give unwanted phases weight 0")
-            )
+        if options.phase_lr.full <= 0:
+            problems.append(("phase_lr.full", "must be > 0: the full network trains first and teaches the others"))
         return problems
+
+    @classmethod
+    def check_space(cls, options: ProgressiveShrinkingOptions, space: SearchSpace, *, epochs: int) -> list[tuple[str, str]]:
+        """One epoch at least for every phase that unlocks something in ``space`` (the others are left out)."""
+        if options.phase_epochs.full <= 0:
+            return []
+        used = [planned.name for planned in plan_phases(space, options, None)]
+        if epochs < len(used):
+            message = f"{len(used)} phases ({', '.join(used)}) need at least {len(used)} epochs, got training.epochs {epochs}; give unwanted phases weight 0"
+            return [("phase_epochs", message)]
+        return []
 
     def planned(self, epoch: int) -> PlannedPhase:
         for planned in reversed(self.plan):

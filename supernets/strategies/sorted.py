@@ -177,7 +177,7 @@ class SortedNet(TrainingStrategy[SortedOptions]):
         return problems
 
     @classmethod
-    def check_space(cls, options: SortedOptions, space: SearchSpace) -> list[tuple[str, str]]:
+    def check_space(cls, options: SortedOptions, space: SearchSpace, *, epochs: int) -> list[tuple[str, str]]:
         """Rules that join the options with the space: ``(option name, message)`` for each broken one (the family
         must keep at least two members)."""
         try:

@@ -87,6 +87,7 @@ stages:
       - {type: mbconv, kernel_size: [3, 3], expand_ratio: 1000000000000000000000000000000, activation: relu, squeeze_excite: false}
 resolution: [24, 48]
 training: {optimizer: adam, lr: .nan, epochs: ten}
+search: {constraints: {parms: 1000}}
 """
     found = problems_of(text)
     expected = {
@@ -107,6 +108,7 @@ training: {optimizer: adam, lr: .nan, epochs: ten}
         "training.optimizer": ["'adam'", "did you mean 'adamw'"],
         "training.lr": ["greater than 0", "nan"],
         "training.epochs": ["integer", "'ten'"],
+        "search.constraints.parms": ["unknown key", "allowed keys: ['latency_ms', 'macs', 'params']", "did you mean 'params'"],
     }
     assert set(found) == set(expected), found
     for path, parts in expected.items():

@@ -147,9 +147,9 @@ def test_a_space_without_a_growing_numeric_choice_is_refused_with_the_rule(repla
         sorted_members(space, 8)
     with pytest.raises(StrategyError, match="needs at least 2"):
         SortedNet(space, SortedOptions(), schedule())
-    ((option, message),) = SortedNet.check_space(SortedOptions(), space)
+    ((option, message),) = SortedNet.check_space(SortedOptions(), space, epochs=4)
     assert option == "family_size" and message.startswith(f"the space {space.name!r} gives only 1 distinct member")
-    assert SortedNet.check_space(SortedOptions(), space_of(SORTED_DIGITS_SPACE)) == []
+    assert SortedNet.check_space(SortedOptions(), space_of(SORTED_DIGITS_SPACE), epochs=4) == []
     with pytest.raises(ConfigError, match=r"training\.family_size: the space .* gives only 1 distinct member"):
         parse_config(text + "training: {strategy: sorted}\n")
 
