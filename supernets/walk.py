@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .blocks import IntRule, OptionRule, choice_index, choice_problem, type_of
+from .blocks import IntRule, OptionRule, block_type, choice_index, choice_problem, type_of
 from .space import Arch, ArchError, Problem, SearchSpace, StageArch, StageSpace
 
 DecisionKind = Literal["size", "depth", "width", "type", "field"]
@@ -155,6 +155,16 @@ class SpaceWalk:
             offsets[decision.name] = offset
             offset += len(decision.choices)
         self._feature_offsets = offsets
+        self._other_size = "sequence_length" if self.size_name == "resolution" else "resolution"
+        self._fast_stages = tuple(
+            (
+                self._slot(stage.depth),
+                self._slot(stage.width),
+                tuple((self._slot(position.type), self._fields_by_class(position)) for position in stage.positions),
+            )
+            for stage in self.stages
+        )
+        self._fast_size = self._slot(self.size)
 
     def walk(self, choose: Choose) -> Arch:
         """The arch whose every active decision ``choose`` picks, asked in walk order (inactive ones never)."""
@@ -328,15 +338,80 @@ class SpaceWalk:
 
     def features(self, archs: Sequence[Arch] | Iterable[Arch]) -> np.ndarray:
         """The feature matrix ``[N, F]`` (float32) of ``archs``: per free decision a one-hot block over its choices,
-        all zeros where the decision is inactive. Column ``k`` is named ``feature_names[k]`` (``"s0.width=24"``)."""
+        all zeros where the decision is inactive. Column ``k`` is named ``feature_names[k]`` (``"s0.width=24"``).
+        Raises ``ArchError`` (as ``check``) for an arch outside the space."""
         archs = list(archs)
-        matrix = np.zeros((len(archs), len(self.feature_names)), dtype=np.float32)
+        columns: list[int] = []
+        counts = np.zeros(len(archs), dtype=np.int64)
         for row, arch in enumerate(archs):
-            for name, value in self.values(arch).items():
-                decision = self.by_name[name]
-                if decision.free:
-                    matrix[row, self._feature_offsets[name] + decision.index(value)] = 1.0
+            hot = self.hot_columns(arch)
+            columns += hot
+            counts[row] = len(hot)
+        matrix = np.zeros((len(archs), len(self.feature_names)), dtype=np.float32)
+        matrix[np.repeat(np.arange(len(archs)), counts), np.asarray(columns, dtype=np.int64)] = 1.0
         return matrix
+
+    def hot_columns(self, arch: Arch) -> list[int]:
+        """The columns of ``features`` that are 1 for ``arch`` (one per free active decision, in walk order); raises
+        ``ArchError`` (as ``check``) when ``arch`` leaves the space, so it is also the fast membership test.
+
+        One dictionary look-up per decision, keyed by the value's exact type and the value (built from
+        ``choice_index``, so ``4.0`` places as the number field's choice ``4`` and ``1`` never as ``True``); an arch
+        the tables cannot place goes the slow way, through ``values``, which raises the full error."""
+        try:
+            return self._hot_columns_fast(arch)
+        except (KeyError, TypeError, AttributeError):
+            values = self.values(arch)
+            return [self._feature_offsets[name] + self.by_name[name].index(value) for name, value in values.items() if self.by_name[name].free]
+
+    def _hot_columns_fast(self, arch: Arch) -> list[int]:
+        if type(arch) is not Arch or len(arch.stages) != len(self._fast_stages) or getattr(arch, self._other_size) is not None:
+            raise KeyError("not placeable by the tables")
+        hot: list[int] = []
+        for (depth, width, positions), stage in zip(self._fast_stages, arch.stages, strict=True):
+            blocks = stage.blocks
+            index = depth[0][(int, len(blocks))]
+            if depth[1] >= 0:
+                hot.append(depth[1] + index)
+            index = width[0][(type(stage.width), stage.width)]
+            if width[1] >= 0:
+                hot.append(width[1] + index)
+            for (kind, by_class), config in zip(positions, blocks, strict=False):
+                type_index, fields = by_class[type(config)]
+                if kind[1] >= 0:
+                    hot.append(kind[1] + type_index)
+                for field, table, offset in fields:
+                    value = getattr(config, field)
+                    index = table[(type(value), value)]
+                    if offset >= 0:
+                        hot.append(offset + index)
+        size = getattr(arch, self.size_name)
+        index = self._fast_size[0][(type(size), size)]
+        if self._fast_size[1] >= 0:
+            hot.append(self._fast_size[1] + index)
+        return hot
+
+    def _slot(self, decision: Decision) -> tuple[dict[tuple[type, Any], int], int]:
+        """``(table, offset)``: ``table[(type(value), value)]`` is the choice index of every value ``choice_index``
+        places that is a choice, its float or its int; ``offset`` the decision's first feature column (-1 if not
+        free)."""
+        table: dict[tuple[type, Any], int] = {}
+        for index, choice in enumerate(decision.choices):
+            candidates = [choice]
+            if isinstance(choice, int | float) and not isinstance(choice, bool):
+                candidates += [float(choice)] + ([int(choice)] if float(choice).is_integer() else [])
+            for value in candidates:
+                if choice_index(decision.rule, decision.choices, value) == index:
+                    table.setdefault((type(value), value), index)
+        return table, self._feature_offsets.get(decision.name, -1)
+
+    def _fields_by_class(self, position: PositionDecisions) -> dict[type, tuple[int, tuple[tuple[str, dict[tuple[type, Any], int], int], ...]]]:
+        """Per allowed block config class: its type's choice index and, per field, ``(field, table, offset)``."""
+        by_class = {}
+        for type_index, type_name in enumerate(position.type.choices):
+            fields = tuple((decision.field, *self._slot(decision)) for decision in position.fields_of(type_name))
+            by_class[block_type(type_name).config_class] = (type_index, fields)
+        return by_class
 
     def describe(self) -> list[dict[str, Any]]:
         """Every decision as a plain record (name, path, choices, condition), in walk order."""

@@ -210,18 +210,7 @@ class LatencyPredictor(ABC):
     def save(self, folder: str | Path) -> Path:
         """Write the fitted predictor with its fingerprint to ``folder/predictor.json`` (strict JSON; the folder is
         created); returns the file's path."""
-        fingerprint = self._require_fitted("save")
-        record = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "predictor": self.name,
-            "space": self.space.name,
-            "seed": self.seed,
-            "measurements": self._measurements,
-            "fingerprint": fingerprint,
-            "fingerprint_key": fingerprint_key(fingerprint),
-            "state": strict_json(self.state(), f"{self._what()}.state()"),
-        }
+        record = self.record()
         path = Path(folder) / PREDICTOR_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
@@ -251,35 +240,7 @@ class LatencyPredictor(ABC):
             record = jsonio.loads(text)
         except ValueError as error:
             raise PredictorError(f"{path} is not strict JSON: {error}") from None
-        if not isinstance(record, dict):
-            raise PredictorError(f"{path} must hold a JSON object with keys {list(FILE_KEYS)}, got {type(record).__name__}")
-        missing = [key for key in FILE_KEYS if key not in record]
-        unknown = sorted(set(record) - set(FILE_KEYS))
-        if missing or unknown:
-            raise PredictorError(f"{path}: missing keys {missing}, unknown keys {unknown}")
-        if record["format"] != FILE_FORMAT or record["version"] != FILE_VERSION:
-            raise PredictorError(f"{path}: format must be {FILE_FORMAT!r} version {FILE_VERSION}, got {record['format']!r} version {record['version']!r}")
-        try:
-            predictor_class = PREDICTORS.get(record["predictor"])
-        except UnknownNameError as error:
-            raise PredictorError(f"{path}: {error}") from None
-        if cls is not LatencyPredictor and not issubclass(predictor_class, cls):
-            raise PredictorError(f"{path} holds a {record['predictor']!r} predictor, not a {cls.name or cls.__name__!r} one")
-        if record["space"] != space.name:
-            raise PredictorError(f"{path} is a predictor for space {record['space']!r}, not for space {space.name!r}")
-        predictor = predictor_class(space, seed=record["seed"])
-        if not isinstance(record["fingerprint"], dict) or not isinstance(record["state"], dict):
-            raise PredictorError(f"{path}: 'fingerprint' and 'state' must be JSON objects")
-        try:
-            fingerprint_key(record["fingerprint"])
-        except LatencyError as error:
-            raise PredictorError(f"{path}: {error}") from None
-        measurements = record["measurements"]
-        if isinstance(measurements, bool) or not isinstance(measurements, int) or measurements < predictor.min_measurements:
-            raise PredictorError(f"{path}: 'measurements' must be an integer >= {predictor.min_measurements}, got {measurements!r}")
-        predictor.load_state(record["state"])
-        predictor._fingerprint = record["fingerprint"]
-        predictor._measurements = measurements
+        predictor = cls.from_record(record, space, where=str(path))
         if fingerprint is None:
             logger.info("%s loaded from %s without a fingerprint check, on purpose", predictor._what(), path)
             return predictor
@@ -287,6 +248,57 @@ class LatencyPredictor(ABC):
             predictor.check_fingerprint(fingerprint)
         except ForeignFingerprintError as error:
             raise ForeignFingerprintError(f"{path}: {error}", error.differences) from None
+        return predictor
+
+    def record(self) -> dict[str, Any]:
+        """What ``save`` writes: the strict-JSON record of the fitted predictor with its fingerprint (a predictor
+        that holds another, such as ``adapted``, nests the other's record in its state)."""
+        fingerprint = self._require_fitted("save")
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "predictor": self.name,
+            "space": self.space.name,
+            "seed": self.seed,
+            "measurements": self._measurements,
+            "fingerprint": fingerprint,
+            "fingerprint_key": fingerprint_key(fingerprint),
+            "state": strict_json(self.state(), f"{self._what()}.state()"),
+        }
+
+    @classmethod
+    def from_record(cls, record: Any, space: SearchSpace, *, where: str) -> LatencyPredictor:
+        """The fitted predictor ``record`` (``record()``'s output, read from ``where``) describes, for ``space``; no
+        fingerprint check (``load`` adds it). Raises ``PredictorError`` as ``load`` does, prefixed with ``where``."""
+        if not isinstance(record, dict):
+            raise PredictorError(f"{where} must hold a JSON object with keys {list(FILE_KEYS)}, got {type(record).__name__}")
+        missing = [key for key in FILE_KEYS if key not in record]
+        unknown = sorted(set(record) - set(FILE_KEYS))
+        if missing or unknown:
+            raise PredictorError(f"{where}: missing keys {missing}, unknown keys {unknown}")
+        if record["format"] != FILE_FORMAT or record["version"] != FILE_VERSION:
+            raise PredictorError(f"{where}: format must be {FILE_FORMAT!r} version {FILE_VERSION}, got {record['format']!r} version {record['version']!r}")
+        try:
+            predictor_class = PREDICTORS.get(record["predictor"])
+        except UnknownNameError as error:
+            raise PredictorError(f"{where}: {error}") from None
+        if cls is not LatencyPredictor and not issubclass(predictor_class, cls):
+            raise PredictorError(f"{where} holds a {record['predictor']!r} predictor, not a {cls.name or cls.__name__!r} one")
+        if record["space"] != space.name:
+            raise PredictorError(f"{where} is a predictor for space {record['space']!r}, not for space {space.name!r}")
+        predictor = predictor_class(space, seed=record["seed"])
+        if not isinstance(record["fingerprint"], dict) or not isinstance(record["state"], dict):
+            raise PredictorError(f"{where}: 'fingerprint' and 'state' must be JSON objects")
+        try:
+            fingerprint_key(record["fingerprint"])
+        except LatencyError as error:
+            raise PredictorError(f"{where}: {error}") from None
+        measurements = record["measurements"]
+        if isinstance(measurements, bool) or not isinstance(measurements, int) or measurements < predictor.min_measurements:
+            raise PredictorError(f"{where}: 'measurements' must be an integer >= {predictor.min_measurements}, got {measurements!r}")
+        predictor.load_state(record["state"])
+        predictor._fingerprint = record["fingerprint"]
+        predictor._measurements = measurements
         return predictor
 
     @abstractmethod
@@ -324,11 +336,12 @@ class LatencyPredictor(ABC):
         if isinstance(archs, Arch) or isinstance(archs, str | bytes) or not isinstance(archs, Sequence):
             raise PredictorError(f"{self._what()}.{action} takes a sequence of Arch (a batch), got {type(archs).__name__}")
         checked = list(archs)
+        walk = self.space.walk()
         for index, arch in enumerate(checked):
             if not isinstance(arch, Arch):
                 raise PredictorError(f"{self._what()}.{action}: archs[{index}] must be an Arch, got {type(arch).__name__}")
             try:
-                self.space.check(arch)
+                walk.hot_columns(arch)
             except ArchError as error:
                 raise PredictorError(f"{self._what()}.{action}: archs[{index}] is not in space {self.space.name!r}: {error}") from None
         return checked

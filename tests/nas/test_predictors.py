@@ -217,18 +217,20 @@ def test_linear_macs_recovers_the_line_and_predicts_held_out_archs(
 
 
 def test_arch_costs_count_each_arch_once(space: SearchSpace, archs: list[Arch], costs: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas.predictors import arch_costs
+    from nas.predictors.arch_costs import PieceCosts
+    from nas.supernets.costs import arch_cost
 
     counted: list[Arch] = []
-    real = arch_costs.arch_cost
+    real = PieceCosts.cost
 
-    def counting(space: SearchSpace, arch: Arch) -> tuple[int, int]:
+    def counting(self: PieceCosts, arch: Arch) -> tuple[int, int]:
         counted.append(arch)
-        return real(space, arch)
+        return real(self, arch)
 
-    monkeypatch.setattr(arch_costs, "arch_cost", counting)
+    monkeypatch.setattr(PieceCosts, "cost", counting)
     cache = ArchCosts(space)
     np.testing.assert_array_equal(cache.matrix(archs[:3]), costs[:3])
     np.testing.assert_array_equal(cache.matrix(archs[:3]), costs[:3])
     assert counted == archs[:3] and len(cache) == 3
+    assert [cache.cost(arch) for arch in archs[:3]] == [arch_cost(space, arch) for arch in archs[:3]]
     assert ArchCosts.for_space(space) is ArchCosts.for_space(parse_config(TINY_DIGITS_SPACE).space)

@@ -134,7 +134,9 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path: Path) -> Non
     with pytest.raises(RunError, match="--resume"):
         train(config, tmp_path / "run")
     other = parse_config(space_file(tmp_path, epochs=2).read_text(), "tiny.yaml")
-    with pytest.raises(RunError, match=r"different space file \(line \d+: the run has 'training: \{epochs: 1, .*', the file given has 'training: \{epochs: 2, "):
+    with pytest.raises(
+        RunError, match=r"different space file \(line \d+: the run has 'training: \{epochs: 1, .*', the file given has 'training: \{epochs: 2, "
+    ):
         train(other, tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "checkpoint" / "weights.safetensors").read_bytes() == weights
 

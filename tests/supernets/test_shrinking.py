@@ -204,9 +204,15 @@ def test_deps_raises_subnet_learning_rates_step_by_step() -> None:
     ("training", "message"),
     [
         ("{epochs: 3, strategy: progressive_shrinking}", r"training\.phase_epochs: 6 phases .* need at least 6 epochs, got training\.epochs 3"),
-        ("{epochs: 8, strategy: progressive_shrinking, phase_epochs: {ful: 1}}", r"training\.phase_epochs\.ful: unknown key; allowed keys: \['depth_1', .*did you mean 'full'"),
+        (
+            "{epochs: 8, strategy: progressive_shrinking, phase_epochs: {ful: 1}}",
+            r"training\.phase_epochs\.ful: unknown key; allowed keys: \['depth_1', .*did you mean 'full'",
+        ),
         ("{epochs: 8, strategy: progressive_shrinking, phase_lr: {full: 0}}", r"training\.phase_lr\.full: must be > 0"),
-        ("{epochs: 4, strategy: progressive_shrinking, phase_epochs: {depth_1: 0}}", r"training\.phase_epochs: 5 phases \(full, kernel, depth_2, width_1, width_2\)"),
+        (
+            "{epochs: 4, strategy: progressive_shrinking, phase_epochs: {depth_1: 0}}",
+            r"training\.phase_epochs: 5 phases \(full, kernel, depth_2, width_1, width_2\)",
+        ),
         ("{epochs: 8, strategy: progressive_shrinking, phase_epochs: {full: 0}}", r"training\.phase_epochs\.full: must be > 0"),
         ("{epochs: 8, strategy: progressive_shrinking, subnets_per_step: {width: 0}}", r"training\.subnets_per_step\.width"),
         ("{epochs: 8, strategy: deps, full_fraction: 1.5}", r"training\.full_fraction"),
