@@ -158,7 +158,7 @@ def default_strategy(name: str, space: SearchSpace, run: Schedule) -> TrainingSt
 @pytest.mark.parametrize("space_factory", [digits_space, mixed_space], ids=["digits", "mixed"])
 def test_every_strategy_is_deterministic_stays_in_its_space_and_keeps_json_state(name: str, space_factory) -> None:
     space = space_factory()
-    run = schedule(epochs=4, steps_per_epoch=3)
+    run = schedule(epochs=6, steps_per_epoch=3)  # one epoch per phase of progressive shrinking on these spaces
     first, second = default_strategy(name, space, run), default_strategy(name, space, run)
     for epoch in range(run.epochs):
         phase = first.phase(epoch)
