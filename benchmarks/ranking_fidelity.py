@@ -117,10 +117,10 @@ DIGITS_SPACE: dict[str, Any] = {
     },
 }
 """Scikit-learn's 8x8 digits at 4, 6 and 8 pixels, with two narrow MBConv stages: small enough that resolution and
-width change what a subnet can learn. No ``expand_ratio: 1``: that choice drops the expansion conv, so the shared
-depthwise weights would see the block's input in some subnets and expanded features in others (a first version of
-this space had ``[1, 2, 4]``: its sandwich supernet was 6-33 points below stand-alone on subnets with ratio-1 blocks,
-the eight largest gaps all among them, and tau was 0.13; benchmarks/README.md has both versions)."""
+width change what a subnet can learn. ``expand_ratio: 1`` drops the expansion conv, so in the supernet the shared
+depthwise weights see the block's input in some subnets and expanded features in others; the sandwich rule's eight
+largest inherited-accuracy gaps (21-33 points) were all on subnets with ratio-1 blocks (but so were 34 of the 38
+middle subnets, so this is a suspicion, not a measurement)."""
 
 MQAR_SPACE: dict[str, Any] = {
     "name": "ranking_mqar",

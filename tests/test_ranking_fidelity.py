@@ -103,6 +103,14 @@ def test_sandwich_step_count() -> None:
     assert counted["subnet_passes"] == 7 * 1 + 2 * 7 * (2 + 3)
 
 
+def test_a_cache_shared_by_two_writers_keeps_both_entries(tmp_path: Path) -> None:
+    first, second = bench.JsonCache(tmp_path / "cache.json"), bench.JsonCache(tmp_path / "cache.json")
+    first.put("a", 1)
+    second.put("b", 2)
+    assert bench.JsonCache(tmp_path / "cache.json").entries == {"a": 1, "b": 2}
+    assert first.get("b") == 2
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ranking_fidelity")
