@@ -185,8 +185,23 @@ def command_run(args: argparse.Namespace) -> int:
     config = _load_config(args.space)
     out = Path(args.out) if args.out else Path("runs") / config.space.name
     targets = tuple(name.strip() for name in args.targets.split(",")) if args.targets else None
+    profiles = None
+    if args.profile:
+        from nas.predictors.profile import read_header
+
+        profiles = tuple(
+            sorted({**dict(config.search.profiles), **{read_header(Path(folder))["settings"]["target"]: folder for folder in args.profile}}.items())
+        )
     settings = SearchSettings.from_config(
-        config.search, trials=args.trials, sampler=args.sampler, targets=targets, workers=args.workers, address=args.address, seed=args.seed
+        config.search,
+        trials=args.trials,
+        sampler=args.sampler,
+        targets=targets,
+        workers=args.workers,
+        address=args.address,
+        seed=args.seed,
+        latency=args.latency,
+        profiles=profiles,
     )
     args.held.enter_context(RunLock(out))
     elapsed: dict[str, float] = {}
@@ -217,7 +232,45 @@ def command_run(args: argparse.Namespace) -> int:
                 f"  trial {member['trial']:4d}  {member['arch_name']:28s} val acc {member['val_accuracy']:.4f}  "
                 f"{latency['median_ms']:.4g} ms (p10 {latency['p10_ms']:.4g}, cv {latency['cv']:.1%})"
             )
+    check = jsonio.loads(RunDir(out).front_check.read_text()) if settings.latency == "predicted" and RunDir(out).front_check.exists() else None
+    for name, rows in (check or {}).get("targets", {}).items():
+        for row in rows:
+            if row["breaks_limit"]:
+                print(f"warning: front on {name}: trial {row['trial']} was predicted at {row['predicted_ms']:.4g} ms but measured above {row['limit_ms']:g} ms")
     print(f"report: {out / 'report.md'}  plot: {out / 'pareto.png'}  trials: {out / 'trials.csv'}")
+    return 0
+
+
+def command_profile(args: argparse.Namespace) -> int:
+    from nas.latency.fingerprint import fingerprint_key
+    from nas.predictors.profile import ProfileSettings, build_profile, check_profile, load_profile, profile_fingerprint, quality_table
+
+    config = _load_config(args.space)
+    space = config.space
+    settings = ProfileSettings(
+        target=args.target, budget=args.budget, seed=args.seed, threads=args.threads, batch_size=args.batch_size, measure_seconds=args.measure_seconds
+    )
+    if args.minutes is not None and not args.minutes > 0:
+        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
+    fingerprint = profile_fingerprint(settings)
+    out = Path(args.out) if args.out else Path("profiles") / space.name / f"{args.target}-{fingerprint_key(fingerprint)}"
+    if args.check is not None:
+        if args.check < 2:
+            raise UsageError(f"--check needs at least 2 fresh archs, got {args.check}")
+        profile = load_profile(out, space, fingerprint=fingerprint)
+        result = check_profile(profile, settings, count=args.check, progress=_progress_factory())
+        print(f"check of {out}: {result['archs']} fresh archs measured twice ({result['cost']['minutes']} min)")
+        print("\n".join(quality_table(result["predictors"], result["noise_floor"])))
+        return 0
+    print(f"profile: {space.name} on {args.target} into {out}", file=sys.stderr)
+    try:
+        result = build_profile(space, settings, out, minutes=args.minutes, progress=_progress_factory())
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; every measurement taken is kept in {out}: rerun the same command to continue", file=sys.stderr)
+        return 130
+    print((out / "quality.md").read_text())
+    if not result.complete:
+        print(f"incomplete: {result.measured_total} of {result.planned_total} measured; rerun the same command to continue", file=sys.stderr)
     return 0
 
 
@@ -266,9 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sampler", help=f"{', '.join(SAMPLERS.names())} (default: search.sampler)")
     run.add_argument("--targets", help="comma-separated latency targets, e.g. cpu_fp32,cpu_int8 (default: search.targets)")
     run.add_argument("--seed", type=int, help="sampler seed (default: search.seed)")
+    run.add_argument("--latency", choices=("measured", "predicted"), help="measure every arch, or predict from a hardware profile (default: search.latency)")
+    run.add_argument("--profile", action="append", metavar="DIR", help="hardware profile folder for --latency predicted (repeatable, one per target)")
     run.add_argument("--no-int8", action="store_true", help="skip the INT8 export of the front")
     run.add_argument("--no-export", action="store_true", help="search only; export later with `nas export RUN --pareto`")
     run.set_defaults(handler=command_run)
+
+    profile = commands.add_parser("profile", help="measure a hardware profile of a space and fit latency predictors on it")
+    profile.add_argument("space", help="path to a YAML file or the name of a built-in space")
+    profile.add_argument("--target", required=True, help="latency target, e.g. cpu_fp32, cpu_int8, cuda_fp32, tensorrt_fp16")
+    profile.add_argument("--budget", type=int, default=200, help="subnets in the designed sample (default 200; a fifth are held out)")
+    profile.add_argument("--minutes", type=float, help="stop measuring after this long (a rerun continues)")
+    profile.add_argument("--out", help="profile folder (default profiles/<space>/<target>-<device key>)")
+    profile.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
+    profile.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    profile.add_argument("--batch-size", type=int, default=1, help="batch size measured (default 1)")
+    profile.add_argument("--measure-seconds", type=float, default=0.5, help="measuring time per model (default 0.5)")
+    profile.add_argument("--check", type=int, nargs="?", const=20, metavar="N", help="measure N (default 20) fresh archs against the profile's predictors")
+    profile.set_defaults(handler=command_profile)
     return parser
 
 
@@ -283,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nas.data.splits import DataError
     from nas.export.onnx import ExportError
     from nas.latency.targets import LatencyError
+    from nas.predictors.base import PredictorError
     from nas.run_lock import RunBusyError
     from nas.search.evaluators import EvaluatorStartError
     from nas.search.journal import JournalError
@@ -298,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError, RunBusyError, JournalError, StrategyError) as error:
+    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError, RunBusyError, JournalError, StrategyError, PredictorError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExportError as error:

@@ -110,6 +110,11 @@ class RunDir:
         return self.search / LATENCY_FILE
 
     @property
+    def front_check(self) -> Path:
+        """Predicted-latency searches: each front member's predicted latency against its measurement."""
+        return self.search / "front_check.json"
+
+    @property
     def trials_csv(self) -> Path:
         return self.root / "trials.csv"
 

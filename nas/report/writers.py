@@ -366,6 +366,9 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
             lines += [f"Not on this front, having no model for `{name}`:", ""]
             lines += [f"- trial {entry['trial']} `{entry['arch_name']}`: {entry['reason']}" for entry in front["absent"]]
             lines.append("")
+    check_path = RunDir(path.parent).front_check
+    if settings.get("latency") == "predicted" and check_path.exists():
+        lines += predicted_latency_section(jsonio.loads(check_path.read_text()))
     lines += ["## How latency was measured", ""]
     trials = distinct_trials(study)
     for name in targets:
@@ -417,6 +420,37 @@ def write_report(study: Any, summary: dict[str, Any], path: Path, *, op_types: l
             "",
         ]
     durable.atomic_write_text(path, "\n".join(lines))
+
+
+def predicted_latency_section(check: dict[str, Any]) -> list[str]:
+    """report.md lines for a predicted-latency search: each front member's predicted against measured latency."""
+    lines = [
+        "## Predicted against measured latency",
+        "",
+        "The search read latency from the hardware profile's predictor; every front member was then exported again and "
+        "measured. A member whose measurement breaks a latency limit is flagged.",
+        "",
+    ]
+    for name, rows in check["targets"].items():
+        lines += [f"`{name}`:", "", "| trial | arch | predicted ms | measured ms (median) | error | limit |", "|---|---|---|---|---|---|"]
+        for row in rows:
+            measured = row["measured"]["median_ms"] if row["measured"] else None
+            error = f"{100 * row['relative_error']:+.1f}%" if row["relative_error"] is not None else "-"
+            limit = "" if row["limit_ms"] is None else (f"**breaks {row['limit_ms']:g}**" if row["breaks_limit"] else f"meets {row['limit_ms']:g}")
+            cells = [
+                str(row["trial"]),
+                f"`{Arch.from_json(row['arch']).short_name()}`",
+                f"{row['predicted_ms']:.4g}",
+                "-" if measured is None else f"{measured:.4g}",
+                error,
+                limit,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        errors = [abs(row["relative_error"]) for row in rows if row["relative_error"] is not None]
+        if errors:
+            lines += ["", f"Mean absolute error {100 * sum(errors) / len(errors):.1f}% over {len(errors)} member(s)."]
+        lines.append("")
+    return lines
 
 
 def op_type_summary(op_types: list[Any]) -> list[dict[str, Any]]:

@@ -38,12 +38,13 @@ from nas.data.tasks import load_task_data
 from nas.run_dir import RunDir
 from nas.run_lock import locks_run_dir
 from nas.search.encoding import params_from_arch, suggest_arch
-from nas.search.evaluators import Evaluation, Evaluator, EvaluatorFactory, EvaluatorPayload, make_pool
+from nas.search.evaluators import Evaluation, Evaluator, EvaluatorFactory, EvaluatorPayload, Pool, make_pool
 from nas.search.front import pareto_front
 from nas.search.latency_cache import LatencyCache
 from nas.search.settings import SearchSettings, latency_key
 from nas.search.study import distinct_trials, open_study
 from nas.space.schema import RunConfig
+from nas.supernets.space import Arch
 from nas.training.evaluation import run_calibration_batches
 from nas.training.loop import RunError, load_run
 
@@ -179,6 +180,7 @@ def run_search(
     _check_size_limits(space, settings)
     measure_models = measure or _default_measure(settings)
     fingerprints = _fingerprints(settings)
+    predictors = _latency_predictors(space, settings, fingerprints) if settings.latency == "predicted" else {}
     study = open_study(run_dir, settings, resume=resume, walk=space.walk())
     _recover_interrupted(study)
     if not study.trials:
@@ -196,7 +198,8 @@ def run_search(
     latency_cache = LatencyCache(RunDir(run_dir).latency_cache)
     evaluated = len(completed)
     target_total = min(settings.trials, space.count())
-    if evaluated >= target_total:
+    front_checked = not predictors or RunDir(run_dir).front_check.exists()
+    if evaluated >= target_total and front_checked:
         return SearchResult(run_dir, study, settings, evaluated, 0, 0, time.perf_counter() - started)
 
     task_data = load_task_data(config.task, space, seed=config.training.seed)
@@ -233,7 +236,10 @@ def run_search(
             outcomes = {outcome.arch_json: outcome for outcome in pool.map(list(batch))}
             evaluations = {key: outcome.evaluation for key, outcome in outcomes.items() if outcome.evaluation is not None}
             evaluated_at = time.perf_counter()
-            latencies = _measure_batch(evaluations, settings, fingerprints, latency_cache, measure_models)
+            if predictors:
+                latencies = _predict_batch(evaluations, space, predictors, fingerprints)
+            else:
+                latencies = _measure_batch(evaluations, settings, fingerprints, latency_cache, measure_models)
             phase_seconds[0] += evaluated_at - batch_started
             phase_seconds[1] += time.perf_counter() - evaluated_at
             logger.info(
@@ -268,6 +274,11 @@ def run_search(
             if failed > max(5, target_total // 2) and evaluated == 0:
                 raise RunError(f"every evaluation fails; the first error: {next(iter(outcomes.values())).error}")
         stop.check()
+        if predictors:
+            if bar is not None:
+                bar.close()
+                bar = None
+            check_front(run_dir, study, settings, pool, fingerprints, latency_cache, measure_models)
     finally:
         stop.__exit__()
         if bar is not None:
@@ -358,6 +369,92 @@ def _fingerprints(settings: SearchSettings) -> dict[str, dict[str, Any]]:
     from nas.latency.targets import resolve_target
 
     return {name: device_fingerprint(resolve_target(name, threads=settings.threads, batch_size=settings.batch_size)) for name in settings.targets}
+
+
+def _latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str]]:
+    """Per target: the latency predictor of the hardware profile measured on this device (``search.profiles`` names
+    a folder per target; else the profile is looked up by device, ``nas.predictors.profile.find_profile``) and the
+    profile's folder. A profile of another device or space is refused (``RunError`` naming what differs)."""
+    from nas.predictors.base import PredictorError
+    from nas.predictors.profile import find_profile, load_profile
+
+    given = dict(settings.profiles)
+    chosen: dict[str, tuple[Any, str]] = {}
+    for name in settings.targets:
+        try:
+            profile = load_profile(Path(given[name]), space, fingerprint=fingerprints[name]) if name in given else find_profile(space, fingerprints[name])
+            if profile.target != name:
+                raise RunError(f"search.profiles.{name}: {profile.folder} is a profile of target {profile.target!r}, not {name!r}")
+            chosen[name] = (profile.predictor(), str(profile.folder))
+        except PredictorError as error:
+            raise RunError(f"search.latency is 'predicted', but target {name!r} has no usable profile: {error}") from None
+        logger.info("latency on %s predicted by %s from %s", name, chosen[name][0].name, chosen[name][1])
+    return chosen
+
+
+def _predict_batch(
+    evaluations: dict[str, Evaluation], space: Any, predictors: dict[str, tuple[Any, str]], fingerprints: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per arch, per target: the predicted latency, shaped as a measurement (median = p10 = p90 = the prediction, no
+    samples) and marked ``predicted`` with the predictor and profile it came from."""
+    archs = {arch_json: Arch.from_json(arch_json, space, source="the study's arch") for arch_json in evaluations}
+    results: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in evaluations}
+    for name, (predictor, folder) in predictors.items():
+        values = predictor.predict(list(archs.values()))
+        for arch_json, value in zip(archs, values.tolist(), strict=True):
+            results[arch_json][name] = {
+                "median_ms": value,
+                "p10_ms": value,
+                "p90_ms": value,
+                "cv": 0.0,
+                "samples": 0,
+                "stable": True,
+                "seconds": 0.0,
+                "fingerprint": fingerprints[name],
+                "predicted": True,
+                "predictor": predictor.name,
+                "profile": folder,
+            }
+    return results
+
+
+def check_front(
+    run_dir: Path, study: Any, settings: SearchSettings, pool: Pool, fingerprints: dict[str, dict[str, Any]], cache: LatencyCache, measure: Measure
+) -> dict[str, Any]:
+    """Measure every member of the predicted-latency fronts (re-exported by the evaluators, measured interleaved, kept in
+    the latency cache) and write ``search/front_check.json``: per target, per member, the predicted and the measured
+    latency, the relative error and whether the measurement breaks the target's latency limit."""
+    members = {name: pareto_front(study, name) for name in settings.targets}
+    arch_jsons = list(dict.fromkeys(trial.user_attrs["arch"] for front in members.values() for trial in front))
+    evaluations = {outcome.arch_json: outcome.evaluation for outcome in pool.map(arch_jsons) if outcome.evaluation is not None}
+    measured = _measure_batch(evaluations, settings, fingerprints, cache, measure)
+    limits = dict(settings.latency_limits)
+    report: dict[str, Any] = {"targets": {}}
+    for name, front in members.items():
+        rows = []
+        for trial in front:
+            arch_json = trial.user_attrs["arch"]
+            predicted = float(trial.user_attrs[latency_key(name)]["median_ms"])
+            measurement = measured.get(arch_json, {}).get(name)
+            value = None if measurement is None else float(measurement["median_ms"])
+            limit = limits.get(name)
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "arch": arch_json,
+                    "predicted_ms": predicted,
+                    "measured": measurement,
+                    "relative_error": None if value is None else (predicted - value) / value,
+                    "limit_ms": limit,
+                    "breaks_limit": bool(limit is not None and value is not None and value > limit),
+                }
+            )
+        report["targets"][name] = rows
+        broken = [row["trial"] for row in rows if row["breaks_limit"]]
+        if broken:
+            logger.warning("front on %s: trial(s) %s were predicted within %s ms but measured above it", name, broken, limits[name])
+    jsonio.write(RunDir(run_dir).front_check, report, nonfinite="null")
+    return report
 
 
 def _default_measure(settings: SearchSettings) -> Measure:

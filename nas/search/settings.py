@@ -27,6 +27,8 @@ class SearchSettings:
     seed: int = 0
     workers: int = 1
     address: str | None = None
+    latency: str = "measured"
+    profiles: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_config(cls, search: SearchModel, **overrides: Any) -> SearchSettings:
@@ -43,6 +45,8 @@ class SearchSettings:
             "max_params": constraints.params,
             "max_macs": constraints.macs,
             "seed": search.seed,
+            "latency": search.latency,
+            "profiles": tuple(sorted(search.profiles.items())),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         settings = cls(**values)
@@ -60,6 +64,11 @@ class SearchSettings:
         for name, _ in settings.latency_limits:
             if name not in settings.targets:
                 raise RunError(f"search.constraints.latency_ms names {name!r}, which is not among search.targets {list(settings.targets)}")
+        if settings.latency not in ("measured", "predicted"):
+            raise RunError(f"search.latency (or --latency) must be 'measured' or 'predicted', got {settings.latency!r}")
+        for name, _ in settings.profiles:
+            if name not in settings.targets:
+                raise RunError(f"search.profiles names target {name!r}, which is not among search.targets {list(settings.targets)}")
         if settings.workers < 1:
             raise RunError(f"--workers must be at least 1, got {settings.workers}")
         return settings

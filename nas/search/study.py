@@ -160,7 +160,7 @@ def open_study(run_dir: Path, settings: SearchSettings, *, resume: bool, walk: P
         stored = study.user_attrs.get("settings", {})
         if not resume:
             raise RunError(f"{path} already holds a search; add --resume to continue it or choose another --out")
-        for key in ("targets", "threads", "batch_size", "latency_limits", "max_params", "max_macs"):
+        for key in ("targets", "threads", "batch_size", "latency_limits", "max_params", "max_macs", "latency"):
             if key in stored and json.loads(jsonio.dumps(stored[key])) != json.loads(jsonio.dumps(getattr(settings, key))):
                 raise RunError(f"{path} was searched with {key} = {stored[key]}, this run asks for {getattr(settings, key)}; choose another --out")
         return study

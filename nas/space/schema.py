@@ -17,7 +17,7 @@ import typing
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter, ValidationError
@@ -141,6 +141,8 @@ class SearchModel(_Strict):
     threads: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
     batch_size: Annotated[StrictInt, Field(ge=1, le=65_536)] = 1
     measure_seconds: Annotated[Number, Field(gt=0, le=3600)] = 2.0
+    latency: Literal["measured", "predicted"] = "measured"
+    profiles: dict[str, Annotated[str, Field(min_length=1, max_length=4096)]] = {}
     constraints: ConstraintsModel = ConstraintsModel()
     seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
 
