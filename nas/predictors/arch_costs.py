@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,6 +55,17 @@ class ArchCosts:
         return np.asarray([[float(macs), float(params)] for params, macs in rows], dtype=np.float64).reshape(len(rows), 2)
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One piece of an arch: ``key`` (hashable; equal keys are the same module at the same input size), ``build()``
+    a freshly initialised module, ``example()`` a zero input of batch 1 for it (images ``[1, C, H, W]``, sequences
+    ``[1, L, C]``, or the network's own input for the stem)."""
+
+    key: tuple[Any, ...]
+    build: Callable[[], torch.nn.Module]
+    example: Callable[[], torch.Tensor]
+
+
 class PieceCosts:
     """Exact ``(parameters, MACs)`` of archs of ``space`` (batch of one), as the sum of the arch's pieces.
 
@@ -84,13 +97,25 @@ class PieceCosts:
 
     def cost(self, arch: Arch) -> tuple[int, int]:
         """``(parameters, MACs)`` of ``arch`` (already checked to be in the space)."""
+        parameters = macs = 0
+        for piece in self.pieces(arch):
+            counted = self.piece_cost(piece)
+            parameters, macs = parameters + counted[0], macs + counted[1]
+        return parameters, macs
+
+    def piece_cost(self, piece: Piece) -> tuple[int, int]:
+        """``(parameters, MACs)`` of one piece (counted once per space)."""
+        return self._pieces.get(piece.key) or self._count(piece.key, piece.build, piece.example)
+
+    def pieces(self, arch: Arch) -> list[Piece]:
+        """The pieces ``arch`` is made of, in order (stem, then per stage its entry projection and blocks, then the
+        head); each with the key it is counted (and, in a latency table, measured) under."""
         space = self.space
         image = space.modality == "image"
         size = arch.resolution if image else arch.sequence_length
         if size is None:
             raise ValueError(f"PieceCosts: the arch has no {'resolution' if image else 'sequence_length'}")
-        pieces = self._pieces
-        parameters, macs = pieces.get(("stem", size)) or self._count(("stem", size), lambda: build_stem(space), lambda: example_input(space, size))
+        pieces = [Piece(("stem", size), lambda: build_stem(space), functools.partial(example_input, space, size))]
         current = spatial_after(size, space.stem.stride) if image else size
         width = space.stem.channels
         for index, (stage, stage_arch) in enumerate(zip(space.stages, arch.stages, strict=True)):
@@ -98,19 +123,23 @@ class PieceCosts:
             first_size = current
             if stage.entry_projection:
                 key: tuple[Any, ...] = ("projection", index, width, stage_arch.width, current)
-                counted = pieces.get(key) or self._projection(key, stage.stride, width, stage_arch.width, current)
-                parameters, macs = parameters + counted[0], macs + counted[1]
+                pieces.append(
+                    Piece(
+                        key,
+                        functools.partial(EntryProjection, space.modality, width, stage_arch.width, stage.stride),
+                        functools.partial(self._activations, width, current),
+                    )
+                )
                 first_size = after
             for position, config in enumerate(stage_arch.blocks):
                 block_size = first_size if position == 0 else after
                 key = ("block", index, position == 0, width, stage_arch.width, block_size, config)
-                counted = pieces.get(key) or self._block(key, index, position == 0, width, stage_arch.width, block_size, config)
-                parameters, macs = parameters + counted[0], macs + counted[1]
+                build = functools.partial(self._block_module, index, position == 0, width, stage_arch.width, config)
+                pieces.append(Piece(key, build, functools.partial(self._block_input, index, position == 0, width, stage_arch.width, block_size)))
             width = stage_arch.width
             current = after
-        key = ("head", width, current)
-        counted = pieces.get(key) or self._count(key, lambda: build_head(space, width), lambda: self._activations(width, current))
-        return parameters + counted[0], macs + counted[1]
+        pieces.append(Piece(("head", width, current), functools.partial(build_head, space, width), functools.partial(self._activations, width, current)))
+        return pieces
 
     def matrix(self, archs: Sequence[Arch]) -> np.ndarray:
         """``[N, 2]`` float64: column 0 the MACs, column 1 the parameters of each arch."""
@@ -121,14 +150,13 @@ class PieceCosts:
             matrix[row, 1] = parameters
         return matrix
 
-    def _projection(self, key: tuple[Any, ...], stride: int, in_channels: int, out_channels: int, size: int) -> tuple[int, int]:
-        modality = self.space.modality
-        return self._count(key, lambda: EntryProjection(modality, in_channels, out_channels, stride), lambda: self._activations(in_channels, size))
-
-    def _block(self, key: tuple[Any, ...], stage: int, first: bool, in_channels: int, out_channels: int, size: int, config: Any) -> tuple[int, int]:
+    def _block_module(self, stage: int, first: bool, in_channels: int, out_channels: int, config: Any) -> torch.nn.Module:
         first_context, rest_context = stage_contexts(self.space, self.space.stages[stage], in_channels, out_channels)
-        context = first_context if first else rest_context
-        return self._count(key, lambda: type_of(config).static_class(config, context), lambda: self._activations(context.in_channels, size))
+        return type_of(config).static_class(config, first_context if first else rest_context)
+
+    def _block_input(self, stage: int, first: bool, in_channels: int, out_channels: int, size: int) -> torch.Tensor:
+        first_context, rest_context = stage_contexts(self.space, self.space.stages[stage], in_channels, out_channels)
+        return self._activations((first_context if first else rest_context).in_channels, size)
 
     def _activations(self, channels: int, size: int) -> torch.Tensor:
         if self.space.modality == "image":
@@ -143,4 +171,4 @@ class PieceCosts:
         return counted
 
 
-__all__ = ["ArchCosts", "PieceCosts"]
+__all__ = ["ArchCosts", "Piece", "PieceCosts"]

@@ -91,8 +91,9 @@ def register_predictor(name: str, **metadata: Any) -> Callable[[type[P]], type[P
     return decorate
 
 
-def create_predictor(name: str, space: SearchSpace, *, seed: int = 0) -> LatencyPredictor:
-    """A new, unfitted predictor of the registered kind ``name`` for ``space``.
+def create_predictor(name: str, space: SearchSpace, *, seed: int = 0, **options: Any) -> LatencyPredictor:
+    """A new, unfitted predictor of the registered kind ``name`` for ``space``; ``options`` go to its constructor
+    (a look-up-table predictor takes its measured ``table`` this way).
 
     Raises:
         PredictorError: an unknown name (with the registered names and a "did you mean").
@@ -100,7 +101,7 @@ def create_predictor(name: str, space: SearchSpace, *, seed: int = 0) -> Latency
     problem = PREDICTORS.problem(name)
     if problem is not None:
         raise PredictorError(f"latency predictor {problem}")
-    return PREDICTORS.get(name)(space, seed=seed)
+    return PREDICTORS.get(name)(space, seed=seed, **options)
 
 
 def strict_json(value: Any, what: str) -> Any:

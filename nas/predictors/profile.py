@@ -7,6 +7,7 @@ A profile is a folder::
                           the sample (archs, their role: fit or test), the settings, the fitted predictors' names
     measurements.jsonl    one line per measured model, appended and fsynced as it is measured (pass 1: every
                           sample arch; pass 2: the held-out archs again, the noise floor)
+    pieces.jsonl          every distinct piece of the sample's archs measured alone (the look-up table)
     predictors/<name>/    each fitted predictor (``LatencyPredictor.save``)
     quality.json / quality.md   the quality table
     checks/<time>.json    each ``nas profile --check``: a fresh sample measured twice against every predictor
@@ -23,7 +24,9 @@ Protocol (``build_profile``):
    interleaved per call (``measure_seconds`` each). The figure is the median, as the search's objective.
 3. Pass 2 measures the held-out archs again, later and in other batches: the same statistics of pass 2 against
    pass 1 are the noise floor, the best any predictor can show against a single fresh measurement.
-4. Every predictor of ``PROFILE_PREDICTORS`` is fitted on the fit archs (pass 1) and scored on the held-out archs
+4. Every distinct piece of the sample's archs (``PieceCosts.pieces``: stem, projections, blocks in context at their
+   input size, head) is exported alone and measured the same way: the look-up table of ``lut`` and ``gbdt_lut``.
+5. Every predictor of ``PROFILE_PREDICTORS`` is fitted on the fit archs (pass 1) and scored on the held-out archs
    (pass 1): share within +-5 % and +-10 %, MAPE, Kendall tau; the one with the most held-out archs within +-10 %
    (then the highest tau) is the profile's ``best``.
 
@@ -50,8 +53,9 @@ import numpy as np
 
 from nas import jsonio
 from nas.durable import set_aside_cut_record
-from nas.predictors.arch_costs import ArchCosts
+from nas.predictors.arch_costs import ArchCosts, Piece, PieceCosts
 from nas.predictors.base import ForeignFingerprintError, LatencyPredictor, PredictorError, create_predictor
+from nas.predictors.lut import PieceTable, piece_id, piece_kind
 from nas.supernets.space import Arch, SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -65,8 +69,13 @@ CHECKS_FOLDER = "checks"
 FORMAT = "nasforge.hardware_profile"
 VERSION = 1
 
-PROFILE_PREDICTORS = ("linear_macs", "gbdt")
+PROFILE_PREDICTORS = ("linear_macs", "lut", "gbdt", "gbdt_lut")
 """The predictors every profile fits and reports, in the order of its table."""
+
+TABLE_PREDICTORS = frozenset({"lut", "gbdt_lut"})
+"""Those that take the profile's piece table (``table=``)."""
+
+PIECES_FILE = "pieces.jsonl"
 
 HOLDOUT_EVERY = 5
 """Every fifth sample arch (in stratum and MACs order) is held out for the quality table."""
@@ -211,7 +220,8 @@ def example_inputs(space: SearchSpace, arch: Arch, batch: int, seed: int) -> Any
 
 def arch_model(space: SearchSpace, arch: Arch, kind: str, *, seed: int = 0) -> bytes:
     """The ONNX model of ``arch`` (fresh random weights, fixed by ``seed``) as a search would measure it: fp32, or
-    static QDQ INT8 calibrated on random inputs (``kind="int8"``)."""
+    static QDQ INT8 calibrated on four random inputs (``kind="int8"``; the scales change, the graph and its
+    kernels do not)."""
     import torch
 
     from nas.export import onnx
@@ -227,8 +237,45 @@ def arch_model(space: SearchSpace, arch: Arch, kind: str, *, seed: int = 0) -> b
         if kind == "fp32":
             return fp32_path.read_bytes()
         int8_path = Path(folder) / "model.int8.onnx"
-        calibration = example_inputs(space, arch, 16, seed + 1)
-        onnx.quantize_int8(fp32_path, int8_path, calibration=calibration, validation=calibration[:8], min_agreement=0.0)
+        calibration = example_inputs(space, arch, 4, seed + 1)
+        onnx.quantize_int8(fp32_path, int8_path, calibration=calibration, validation=calibration[:2], min_agreement=0.0)
+        return int8_path.read_bytes()
+
+
+def piece_model(space: SearchSpace, piece: Piece, kind: str, *, seed: int = 0) -> bytes:
+    """The ONNX model of one piece alone (fresh random weights; batch axis dynamic; input ``input``): fp32, or static
+    QDQ INT8 calibrated on four random inputs, as ``arch_model`` does for whole archs."""
+    import warnings
+
+    import torch
+
+    from nas.export import onnx
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = piece.build().eval()
+        example = piece.example()
+        shape = (4, *example.shape[1:])
+        inputs = torch.randint(0, space.in_channels, shape) if example.dtype == torch.long else torch.randn(shape)
+    with tempfile.TemporaryDirectory(prefix="nasforge-piece-") as folder:
+        fp32_path = Path(folder) / "piece.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (inputs[:1],),
+                str(fp32_path),
+                dynamo=False,
+                opset_version=17,
+                do_constant_folding=True,
+                input_names=[onnx.INPUT_NAME],
+                output_names=[onnx.OUTPUT_NAME],
+                dynamic_axes={onnx.INPUT_NAME: {0: "batch"}, onnx.OUTPUT_NAME: {0: "batch"}},
+            )
+        if kind == "fp32":
+            return fp32_path.read_bytes()
+        int8_path = Path(folder) / "piece.int8.onnx"
+        onnx.quantize_int8(fp32_path, int8_path, calibration=inputs, validation=inputs[:2], min_agreement=0.0)
         return int8_path.read_bytes()
 
 
@@ -301,6 +348,27 @@ class ProfileResult:
     planned_total: int
     complete: bool
     quality: dict[str, Any]
+
+
+class PieceMeasurements(Measurements):
+    """``pieces.jsonl``: records ``{"arch": <piece id>, "pass": 1, "macs", "kind", "measurement"}`` of pieces measured
+    alone (the look-up table), kept like ``measurements.jsonl``."""
+
+
+def piece_plan(space: SearchSpace, archs: Sequence[Arch]) -> dict[str, Piece]:
+    """Every distinct piece of ``archs`` by piece id, in first-seen order."""
+    costs = PieceCosts.for_space(space)
+    plan: dict[str, Piece] = {}
+    for arch in archs:
+        for piece in costs.pieces(arch):
+            plan.setdefault(piece_id(piece), piece)
+    return plan
+
+
+def piece_table(space: SearchSpace, store: Measurements) -> PieceTable | None:
+    """The look-up table of the measured pieces (``None`` before any is measured)."""
+    entries = {record["arch"]: {"ms": record["measurement"]["median_ms"], "macs": record["macs"], "kind": record["kind"]} for record in store.records.values()}
+    return PieceTable(space, entries) if entries else None
 
 
 def profile_fingerprint(settings: ProfileSettings) -> dict[str, Any]:
@@ -412,6 +480,52 @@ def _measure_pending(
     return measured
 
 
+def _measure_pieces(
+    space: SearchSpace,
+    settings: ProfileSettings,
+    store: Measurements,
+    pending: list[tuple[str, Piece]],
+    *,
+    deadline: float | None,
+    progress: Callable[[int, str, int], Any] | None,
+    total: int,
+    done: int,
+) -> int:
+    from nas.latency.protocol import measure_latency
+    from nas.latency.targets import get_target, resolve_target
+
+    target = resolve_target(settings.target, threads=settings.threads, batch_size=settings.batch_size)
+    kind = get_target(settings.target).model_kind
+    costs = PieceCosts.for_space(space)
+    bar = progress(total, f"pieces of {space.name} on {settings.target}", done) if progress else None
+    measured = 0
+    try:
+        for start in range(0, len(pending), BATCH):
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.warning("the time limit is reached: %d of %d pieces measured; rerun to continue", done + measured, total)
+                break
+            batch = pending[start : start + BATCH]
+            models = {index: piece_model(space, piece, kind, seed=settings.seed) for index, (_, piece) in enumerate(batch)}
+            results = measure_latency(models, target, max_seconds=settings.measure_seconds * len(models), seed=settings.seed)
+            for index, (identity, piece) in enumerate(batch):
+                store.put(
+                    {
+                        "arch": identity,
+                        "pass": 1,
+                        "macs": int(costs.piece_cost(piece)[1]),
+                        "kind": piece_kind(piece),
+                        "measurement": results[index].to_dict(),
+                    }
+                )
+                measured += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return measured
+
+
 def build_profile(
     space: SearchSpace,
     settings: ProfileSettings,
@@ -451,9 +565,18 @@ def build_profile(
         pending = [item for item in plan if store.get(item[0].to_json(), item[1]) is None]
         deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
         measured = _measure_pending(space, settings, store, pending, deadline=deadline, progress=progress, total=len(plan), done=len(plan) - len(pending))
+        pieces = PieceMeasurements(out / PIECES_FILE)
+        wanted = piece_plan(space, archs)
+        pending_pieces = [(identity, piece) for identity, piece in wanted.items() if pieces.get(identity, 1) is None]
+        measured += _measure_pieces(
+            space, settings, pieces, pending_pieces, deadline=deadline, progress=progress, total=len(wanted), done=len(wanted) - len(pending_pieces)
+        )
         complete = all(store.get(arch.to_json(), measurement_pass) is not None for arch, measurement_pass, _ in plan)
-        report = fit_and_score(space, out, header, archs, roles, store, complete=complete, planned=len(plan))
-        return ProfileResult(out, measured, len(plan) - len(pending) + measured, len(plan), complete, report)
+        complete = complete and all(pieces.get(identity, 1) is not None for identity in wanted)
+        planned = len(plan) + len(wanted)
+        report = fit_and_score(space, out, header, archs, roles, store, complete=complete, planned=planned, pieces=pieces)
+        done = len(store.records) + len(pieces.records)
+        return ProfileResult(out, measured, done, planned, complete, report)
 
 
 def _cost(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -471,6 +594,7 @@ def fit_and_score(
     *,
     complete: bool,
     planned: int,
+    pieces: Measurements | None = None,
 ) -> dict[str, Any]:
     """Fit ``PROFILE_PREDICTORS`` on the measured fit archs, score them on the measured held-out archs, write the
     predictors, ``quality.json``, ``quality.md`` and the profile's ``predictors`` / ``best``; returns the report."""
@@ -482,9 +606,14 @@ def fit_and_score(
     fingerprint = header["fingerprint"]
     rows: dict[str, Any] = {}
     fitted: list[str] = []
-    records = list(store.records.values())
+    records = list(store.records.values()) + (list(pieces.records.values()) if pieces is not None else [])
+    table = piece_table(space, pieces) if pieces is not None else None
     for name in PROFILE_PREDICTORS:
-        predictor = create_predictor(name, space, seed=header["settings"]["seed"])
+        if name in TABLE_PREDICTORS and table is None:
+            rows[name] = {"error": "no piece measured yet"}
+            continue
+        options = {"table": table} if name in TABLE_PREDICTORS else {}
+        predictor = create_predictor(name, space, seed=header["settings"]["seed"], **options)
         if len(fit) < max(predictor.min_measurements, 2):
             rows[name] = {"error": f"{len(fit)} fit measurements, fewer than the {max(predictor.min_measurements, 2)} it needs"}
             continue
@@ -512,6 +641,7 @@ def fit_and_score(
         "planned": planned,
         "fit_archs": len(fit),
         "test_archs": len(test_first),
+        "pieces": 0 if table is None else len(table.entries),
         "latency_range_ms": [min(latencies), max(latencies)] if latencies else None,
         "cost": _cost(records),
         "predictors": rows,
@@ -561,7 +691,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
         f"# Hardware profile: {report['space']} on {report['target']}",
         "",
         f"Device {report['cpu_model']}" + (f", GPU {report['gpu']}" if report.get("gpu") else "") + f" (fingerprint {report['fingerprint_key']}).",
-        f"{measured}, {report['cost']['minutes']} minutes of export and measurement; {report['fit_archs']} archs fitted, {report['test_archs']} held out"
+        f"{measured} ({report.get('pieces', 0)} of them pieces measured alone for the look-up table), {report['cost']['minutes']} minutes of "
+        f"export and measurement; {report['fit_archs']} archs fitted, {report['test_archs']} held out"
         + (f"; latencies {span[0]:.4g} .. {span[1]:.4g} ms (median of each measurement)." if span else "."),
         "",
         *quality_table(report["predictors"], report["noise_floor"]),

@@ -71,7 +71,7 @@ def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     space = parse_config(SPACE, "tiny.yaml").space
     folder = tmp_path_factory.mktemp("profile") / "cpu_fp32"
     result = build_profile(space, ProfileSettings(target="cpu_fp32", budget=15, **FAST), folder)
-    assert result.complete and result.measured_total == result.planned_total == 18
+    assert result.complete and result.measured_total == result.planned_total > 18
     return folder
 
 
@@ -105,17 +105,19 @@ def test_quality_figures_of_known_values() -> None:
 def test_a_profile_holds_every_figure_of_the_quality_table(profiled: Path) -> None:
     header = json.loads((profiled / PROFILE_FILE).read_text())
     report = json.loads((profiled / "quality.json").read_text())
-    assert report["complete"] and report["measured"] == report["planned"] == 18
+    pieces = [json.loads(line) for line in (profiled / "pieces.jsonl").read_text().splitlines()]
+    assert report["complete"] and report["measured"] == report["planned"] == 18 + len(pieces) and report["pieces"] == len(pieces)
+    assert len({piece["arch"] for piece in pieces}) == len(pieces) > 5, "each distinct piece of the sample measured once"
     assert report["fit_archs"] == 12 and report["test_archs"] == 3
-    for name in ("linear_macs", "gbdt"):
+    for name in ("linear_macs", "lut", "gbdt", "gbdt_lut"):
         row = report["predictors"][name]
         assert row["count"] == 3 and row["fit_measurements"] == 12
         assert 0.0 <= row["within_5"] <= row["within_10"] <= 1.0 and row["mape"] >= 0.0 and -1.0 <= row["kendall_tau"] <= 1.0
         assert (profiled / "predictors" / name / "predictor.json").exists()
     noise = report["noise_floor"]
     assert noise["count"] == 3 and 0.0 <= noise["within_10"] <= 1.0
-    assert report["cost"]["measurements"] == 18 and report["cost"]["minutes"] > 0
-    assert header["best"] in ("linear_macs", "gbdt") and header["fingerprint_key"] == report["fingerprint_key"]
+    assert report["cost"]["measurements"] == 18 + len(pieces) and report["cost"]["minutes"] > 0
+    assert header["best"] in ("linear_macs", "lut", "gbdt", "gbdt_lut") and header["fingerprint_key"] == report["fingerprint_key"]
     markdown = (profiled / "quality.md").read_text()
     assert "noise floor" in markdown and "within +-10%" in markdown and "Kendall tau" in markdown
 
@@ -167,6 +169,8 @@ def test_sigkill_midway_then_rerun_measures_nothing_twice(space_file: Path, tmp_
     records = [json.loads(line) for line in after.splitlines()]
     keys = [(record["arch"], record["pass"]) for record in records]
     assert len(keys) == len(set(keys)) == 36, "every (arch, pass) measured exactly once across the kill"
+    pieces = [json.loads(line)["arch"] for line in (out / "pieces.jsonl").read_text().splitlines()]
+    assert len(pieces) == len(set(pieces)) > 0
     assert "noise floor" in completed.stdout
 
 
@@ -211,7 +215,7 @@ def test_check_measures_fresh_archs_against_every_predictor(profiled: Path, spac
     shutil.copytree(profiled, copy)
     assert main(["profile", str(space_file), "--target", "cpu_fp32", "--out", str(copy), "--check", "4", "--budget", "15", "--measure-seconds", "0.05"]) == 0
     printed = capsys.readouterr().out
-    assert "| gbdt | 4 |" in printed and "| linear_macs | 4 |" in printed and "noise floor" in printed
+    assert "| gbdt | 4 |" in printed and "| lut | 4 |" in printed and "| gbdt_lut | 4 |" in printed and "noise floor" in printed
     [check] = list((copy / "checks").glob("*.json"))
     result = json.loads(check.read_text())
     sampled = {entry["arch"] for entry in json.loads((copy / PROFILE_FILE).read_text())["sample"]}
@@ -249,7 +253,7 @@ def test_a_predicted_search_measures_only_its_front_and_reports_both(trained: Pa
     trials = [trial for trial in result.study.trials if "duplicate_of" not in trial.user_attrs]
     for trial in trials:
         latency = trial.user_attrs["latency_cpu_fp32_ms"]
-        assert latency["predicted"] is True and latency["predictor"] in ("linear_macs", "gbdt") and 0 < latency["median_ms"] < 50
+        assert latency["predicted"] is True and latency["predictor"] in ("linear_macs", "lut", "gbdt", "gbdt_lut") and 0 < latency["median_ms"] < 50
     check = json.loads(RunDir(run_dir).front_check.read_text())
     rows = check["targets"]["cpu_fp32"]
     assert len(calls) == 1, "nothing is measured during the search; the front once at the end"
