@@ -1,11 +1,16 @@
 """Search-phase throughput with N workers vs one, side by side, and the per-trial scheduling overhead.
 
     python benchmarks/search_throughput.py [--run runs/digits_quick] [--trials 24] [--rounds 2] [--workers 2]
+                                           [--latency predicted [--profile DIR]]
 
 Throughput: the trained run's study is searched from scratch ``--rounds`` times with ``--workers 1`` (in process)
 and ``--workers N`` (local Ray actors), alternating which goes first; each search evaluates ``--trials`` distinct
 archs of the real space with real latency measurement. Distinct archs per second are counted from the moment the
 evaluators are ready (pool start-up, Ray's included, is reported separately). The ratio is taken per round.
+
+With ``--latency predicted`` each search reads latency from the hardware profile (``--profile``, default: the one
+found for this device) and measures only its fronts at the end; archs per second count the search loop, the
+front's measurement is reported beside it.
 
 Scheduling overhead: the same loop with an evaluator that returns a prepared result at once and a measurement
 that returns a fixed figure, so what remains per trial is ask, dispatch, result, tell and the journal write.
@@ -44,17 +49,18 @@ def instant_measure(models: dict[tuple[str, str], bytes]) -> dict[tuple[str, str
     }
 
 
-def search_once(trained: Path, workers: int, trials: int, **kwargs) -> tuple[float, float, float, float]:
-    """Of one fresh search of ``trained``: distinct archs per second after start-up, start-up seconds, and the
-    seconds spent in the evaluation and in the measurement phases."""
+def search_once(trained: Path, workers: int, trials: int, overrides: dict | None = None, **kwargs) -> tuple[float, float, float, float, float]:
+    """Of one fresh search of ``trained``: distinct archs per second after start-up (the fronts' measurement of a
+    predicted-latency search left out), start-up seconds, the seconds spent in the evaluation and in the
+    measurement phases, and the seconds of the fronts' measurement."""
     with tempfile.TemporaryDirectory(prefix="nasforge-bench-") as folder:
         run_dir = Path(folder) / "run"
         shutil.copytree(trained, run_dir, ignore=shutil.ignore_patterns("search", "pareto", "exports"))
         config = load_config(run_dir / "config.yaml")
-        settings = SearchSettings.from_config(config.search, trials=trials, workers=workers)
+        settings = SearchSettings.from_config(config.search, trials=trials, workers=workers, **(overrides or {}))
         result = run_search(run_dir, settings, **kwargs)
-        loop = result.seconds - result.startup_seconds
-        return result.evaluated / loop, result.startup_seconds, result.evaluation_seconds, result.measurement_seconds
+        loop = result.seconds - result.startup_seconds - result.front_check_seconds
+        return result.evaluated / loop, result.startup_seconds, result.evaluation_seconds, result.measurement_seconds, result.front_check_seconds
 
 
 def main() -> None:
@@ -65,7 +71,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overhead-trials", type=int, default=200)
+    parser.add_argument("--latency", choices=("measured", "predicted"), default="measured")
+    parser.add_argument("--profile", action="append", help="hardware profile folder per target (--latency predicted; default: found by device)")
     args = parser.parse_args()
+    overrides: dict = {"latency": args.latency}
+    if args.profile:
+        from nas.predictors.profile import read_header
+
+        overrides["profiles"] = tuple(sorted((read_header(Path(folder))["settings"]["target"], folder) for folder in args.profile))
     trained = Path(args.run)
     if not (trained / "metrics.json").exists():
         print(f"training {args.space} into {trained} ...")
@@ -73,17 +86,19 @@ def main() -> None:
 
     ratios, single, multi, startups = [], [], [], {1: [], args.workers: []}
     phases: dict[int, list[tuple[float, float]]] = {1: [], args.workers: []}
+    checks: dict[int, list[float]] = {1: [], args.workers: []}
     for round_index in range(args.rounds):
         order = (1, args.workers) if round_index % 2 == 0 else (args.workers, 1)
         rates = {}
         for workers in order:
-            rate, startup, evaluation, measurement = search_once(trained, workers, args.trials)
+            rate, startup, evaluation, measurement, check = search_once(trained, workers, args.trials, overrides)
             rates[workers] = rate
             startups[workers].append(startup)
             phases[workers].append((evaluation, measurement))
+            checks[workers].append(check)
             print(
                 f"round {round_index + 1}: workers {workers}: {rate:.3f} archs/s (start-up {startup:.1f} s, "
-                f"evaluation {evaluation:.1f} s, measurement {measurement:.1f} s)"
+                f"evaluation {evaluation:.1f} s, measurement {measurement:.1f} s, front check {check:.1f} s)"
             )
         single.append(rates[1])
         multi.append(rates[args.workers])
@@ -91,13 +106,13 @@ def main() -> None:
 
     overhead = {}
     for workers in (1, args.workers):
-        rate, *_ = search_once(trained, workers, args.overhead_trials, factory=InstantEvaluator, measure=instant_measure)
+        rate, *_ = search_once(trained, workers, args.overhead_trials, factory=InstantEvaluator, measure=instant_measure)  # measured latency
         overhead[workers] = 1.0 / rate
 
     print()
     print(
         f"machine: {platform.processor() or platform.machine()}, {platform.system()}; space {args.space}; "
-        f"{args.trials} archs per search; {time.strftime('%Y-%m-%d')}"
+        f"{args.trials} archs per search; latency {args.latency}; {time.strftime('%Y-%m-%d')}"
     )
     print()
     print(f"| measure | workers 1 | workers {args.workers} | ratio |")
@@ -110,6 +125,8 @@ def main() -> None:
     measurement = {workers: statistics.median(phase[1] / args.trials for phase in values) for workers, values in phases.items()}
     print(f"| evaluation phase only, archs / s | {evaluation[1]:.3f} | {evaluation[args.workers]:.3f} | {evaluation[args.workers] / evaluation[1]:.2f}x |")
     print(f"| measurement phase (serial by design), s per arch | {measurement[1]:.3f} | {measurement[args.workers]:.3f} | |")
+    if args.latency == "predicted":
+        print(f"| fronts measured after the search, s | {statistics.median(checks[1]):.1f} | {statistics.median(checks[args.workers]):.1f} | |")
     print(f"| start-up (load data, build evaluators), s | {statistics.median(startups[1]):.1f} | {statistics.median(startups[args.workers]):.1f} | |")
     print(f"| scheduling overhead per trial, s ({args.overhead_trials} instant trials) | {overhead[1]:.4f} | {overhead[args.workers]:.4f} | |")
 

@@ -37,6 +37,7 @@ short is set aside, ``nas.durable.set_aside_cut_record``) and measures only what
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -82,6 +83,9 @@ HOLDOUT_EVERY = 5
 
 BATCH = 8
 """Archs measured interleaved in one ``measure_latency`` call."""
+
+MAX_POOL = 50_000
+"""The most random draws the designed sample chooses from."""
 
 DEFAULT_BUDGET = 200
 DEFAULT_MEASURE_SECONDS = 0.5
@@ -147,16 +151,16 @@ def stratum(space: SearchSpace, arch: Arch) -> tuple[int, tuple[str, ...]]:
 def design_sample(space: SearchSpace, count: int, *, seed: int, pool_size: int | None = None) -> list[Arch]:
     """``count`` distinct archs: the smallest and the largest, then per stratum (``stratum``) an equal share of the
     rest at evenly spaced log-MACs quantiles of that stratum's members in a pool of random distinct archs
-    (``pool_size``, default ``max(2000, 20 * count)`` draws). Deterministic for a seed. Fewer archs than ``count`` only
+    (``pool_size``, default ``max(2000, 20 * count)`` draws, at most ``MAX_POOL``). Deterministic for a seed. Fewer archs than ``count`` only
     when the space has fewer distinct ones within reach of the pool."""
     if count < 2:
         raise ProfileError(f"a profile needs a budget of at least 2 subnets, got {count}")
     rng = np.random.default_rng(seed)
     costs = ArchCosts.for_space(space)
-    anchors = [space.smallest(), space.largest()]
+    anchors = list(dict.fromkeys([space.smallest(), space.largest()]))
     seen = set(anchors)
     pool: list[Arch] = []
-    draws = pool_size if pool_size is not None else max(2000, 20 * count)
+    draws = pool_size if pool_size is not None else min(MAX_POOL, max(2000, 20 * count))
     for _ in range(draws):
         arch = space.sample(rng)
         if arch not in seen:
@@ -429,94 +433,66 @@ def check_header(header: dict[str, Any], space: SearchSpace, fingerprint: dict[s
             )
 
 
-def _measure_pending(
-    space: SearchSpace,
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One model to measure: the record to store with its measurement, and how to build the model of a kind."""
+
+    record: dict[str, Any]
+    build: Callable[[str], bytes]
+
+
+def _arch_jobs(space: SearchSpace, settings: ProfileSettings, pending: Sequence[tuple[Arch, int, str]]) -> list[_Job]:
+    costs = ArchCosts.for_space(space)
+    jobs = []
+    for arch, measurement_pass, role in pending:
+        params, macs = costs.cost(arch)
+        record = {"arch": arch.to_json(), "pass": measurement_pass, "role": role, "macs": macs, "params": params}
+        jobs.append(_Job(record, functools.partial(arch_model, space, arch, seed=settings.seed)))
+    return jobs
+
+
+def _piece_jobs(space: SearchSpace, settings: ProfileSettings, pending: Sequence[tuple[str, Piece]]) -> list[_Job]:
+    costs = PieceCosts.for_space(space)
+    jobs = []
+    for identity, piece in pending:
+        record = {"arch": identity, "pass": 1, "macs": int(costs.piece_cost(piece)[1]), "kind": piece_kind(piece)}
+        jobs.append(_Job(record, functools.partial(piece_model, space, piece, seed=settings.seed)))
+    return jobs
+
+
+def _measure(
     settings: ProfileSettings,
     store: Measurements,
-    pending: list[tuple[Arch, int, str]],
+    jobs: list[_Job],
     *,
+    description: str,
     deadline: float | None,
     progress: Callable[[int, str, int], Any] | None,
     total: int,
     done: int,
 ) -> int:
+    """Build and measure ``jobs`` ``BATCH`` at a time (interleaved in one ``measure_latency`` call), storing each record
+    with its measurement and export seconds as soon as its batch is measured; stops at ``deadline``. Returns how many
+    were measured."""
     from nas.latency.protocol import measure_latency
     from nas.latency.targets import get_target, resolve_target
 
     target = resolve_target(settings.target, threads=settings.threads, batch_size=settings.batch_size)
     kind = get_target(settings.target).model_kind
-    costs = ArchCosts.for_space(space)
-    bar = progress(total, f"profile {space.name} on {settings.target}", done) if progress else None
+    bar = progress(total, description, done) if progress else None
     measured = 0
     try:
-        for start in range(0, len(pending), BATCH):
+        for start in range(0, len(jobs), BATCH):
             if deadline is not None and time.monotonic() >= deadline:
-                logger.warning("the time limit is reached: %d of %d models measured; rerun to continue", done + measured, total)
+                logger.warning("the time limit is reached: %d of %d measured (%s); rerun to continue", done + measured, total, description)
                 break
-            batch = pending[start : start + BATCH]
+            batch = jobs[start : start + BATCH]
             export_started = time.perf_counter()
-            models = {index: arch_model(space, arch, kind, seed=settings.seed) for index, (arch, _, _) in enumerate(batch)}
+            models = {index: job.build(kind) for index, job in enumerate(batch)}
             export_seconds = (time.perf_counter() - export_started) / len(batch)
             results = measure_latency(models, target, max_seconds=settings.measure_seconds * len(models), seed=settings.seed)
-            for index, (arch, measurement_pass, role) in enumerate(batch):
-                params, macs = costs.cost(arch)
-                store.put(
-                    {
-                        "arch": arch.to_json(),
-                        "pass": measurement_pass,
-                        "role": role,
-                        "macs": macs,
-                        "params": params,
-                        "export_seconds": round(export_seconds, 4),
-                        "measurement": results[index].to_dict(),
-                    }
-                )
-                measured += 1
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return measured
-
-
-def _measure_pieces(
-    space: SearchSpace,
-    settings: ProfileSettings,
-    store: Measurements,
-    pending: list[tuple[str, Piece]],
-    *,
-    deadline: float | None,
-    progress: Callable[[int, str, int], Any] | None,
-    total: int,
-    done: int,
-) -> int:
-    from nas.latency.protocol import measure_latency
-    from nas.latency.targets import get_target, resolve_target
-
-    target = resolve_target(settings.target, threads=settings.threads, batch_size=settings.batch_size)
-    kind = get_target(settings.target).model_kind
-    costs = PieceCosts.for_space(space)
-    bar = progress(total, f"pieces of {space.name} on {settings.target}", done) if progress else None
-    measured = 0
-    try:
-        for start in range(0, len(pending), BATCH):
-            if deadline is not None and time.monotonic() >= deadline:
-                logger.warning("the time limit is reached: %d of %d pieces measured; rerun to continue", done + measured, total)
-                break
-            batch = pending[start : start + BATCH]
-            models = {index: piece_model(space, piece, kind, seed=settings.seed) for index, (_, piece) in enumerate(batch)}
-            results = measure_latency(models, target, max_seconds=settings.measure_seconds * len(models), seed=settings.seed)
-            for index, (identity, piece) in enumerate(batch):
-                store.put(
-                    {
-                        "arch": identity,
-                        "pass": 1,
-                        "macs": int(costs.piece_cost(piece)[1]),
-                        "kind": piece_kind(piece),
-                        "measurement": results[index].to_dict(),
-                    }
-                )
+            for index, job in enumerate(batch):
+                store.put({**job.record, "export_seconds": round(export_seconds, 4), "measurement": results[index].to_dict()})
                 measured += 1
                 if bar is not None:
                     bar.update(1)
@@ -564,12 +540,28 @@ def build_profile(
         plan += [(arch, 2, role) for arch, role in zip(archs, roles, strict=True) if role == "test"]
         pending = [item for item in plan if store.get(item[0].to_json(), item[1]) is None]
         deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
-        measured = _measure_pending(space, settings, store, pending, deadline=deadline, progress=progress, total=len(plan), done=len(plan) - len(pending))
+        measured = _measure(
+            settings,
+            store,
+            _arch_jobs(space, settings, pending),
+            description=f"profile {space.name} on {settings.target}",
+            deadline=deadline,
+            progress=progress,
+            total=len(plan),
+            done=len(plan) - len(pending),
+        )
         pieces = PieceMeasurements(out / PIECES_FILE)
         wanted = piece_plan(space, archs)
         pending_pieces = [(identity, piece) for identity, piece in wanted.items() if pieces.get(identity, 1) is None]
-        measured += _measure_pieces(
-            space, settings, pieces, pending_pieces, deadline=deadline, progress=progress, total=len(wanted), done=len(wanted) - len(pending_pieces)
+        measured += _measure(
+            settings,
+            pieces,
+            _piece_jobs(space, settings, pending_pieces),
+            description=f"pieces of {space.name} on {settings.target}",
+            deadline=deadline,
+            progress=progress,
+            total=len(wanted),
+            done=len(wanted) - len(pending_pieces),
         )
         complete = all(store.get(arch.to_json(), measurement_pass) is not None for arch, measurement_pass, _ in plan)
         complete = complete and all(pieces.get(identity, 1) is not None for identity in wanted)
@@ -697,7 +689,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
         "",
         *quality_table(report["predictors"], report["noise_floor"]),
         "",
-        f"Best: {report['best']}. No predictor can be judged finer than the noise floor: the same archs measured again disagree with themselves by that much.",
+        (f"Best: {report['best']}." if report["best"] else "Best: none (too few measurements to fit a predictor: raise --budget).")
+        + " No predictor can be judged finer than the noise floor: the same archs measured again disagree with themselves by that much.",
         "",
     ]
     return "\n".join(lines)
@@ -798,7 +791,8 @@ def check_profile(
         with tempfile.TemporaryDirectory(prefix="nasforge-check-") as folder:
             store = Measurements(Path(folder) / MEASUREMENTS_FILE)
             plan = [(arch, 1, "check") for arch in fresh] + [(arch, 2, "check") for arch in fresh]
-            _measure_pending(profile.space, settings, store, plan, deadline=None, progress=progress, total=len(plan), done=0)
+            jobs = _arch_jobs(profile.space, settings, plan)
+            _measure(settings, store, jobs, description=f"check of {profile.folder}", deadline=None, progress=progress, total=len(plan), done=0)
             first = np.asarray([store.median(arch.to_json(), 1) for arch in fresh], dtype=np.float64)
             second = np.asarray([store.median(arch.to_json(), 2) for arch in fresh], dtype=np.float64)
             cost = _cost(list(store.records.values()))

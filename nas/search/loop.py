@@ -85,6 +85,8 @@ class SearchResult:
     startup_seconds: float = 0.0
     evaluation_seconds: float = 0.0
     measurement_seconds: float = 0.0
+    front_check_seconds: float = 0.0
+    """Predicted-latency searches: the measurement of the fronts after the search (part of ``seconds``)."""
 
 
 def _measurement_values(measurement: dict[str, Any]) -> float:
@@ -210,7 +212,7 @@ def run_search(
     batch_size = max(8, 4 * pool.workers)
     bar = progress(target_total, "search", evaluated) if progress else None
     duplicates = failed = batches = 0
-    phase_seconds = [0.0, 0.0]
+    phase_seconds = [0.0, 0.0, 0.0]
     max_asks = MAX_ASKS_PER_TRIAL * target_total
     asks = 0
     stop = _StopRequest()
@@ -278,7 +280,9 @@ def run_search(
             if bar is not None:
                 bar.close()
                 bar = None
+            check_started = time.perf_counter()
             check_front(run_dir, study, settings, pool, fingerprints, latency_cache, measure_models)
+            phase_seconds[2] = time.perf_counter() - check_started
     finally:
         stop.__exit__()
         if bar is not None:
