@@ -264,7 +264,7 @@ def command_profile(args: argparse.Namespace) -> int:
         return 0
     print(f"profile: {space.name} on {args.target} into {out}", file=sys.stderr)
     try:
-        result = build_profile(space, settings, out, minutes=args.minutes, progress=_progress_factory())
+        result = build_profile(space, settings, out, minutes=args.minutes, statistic=args.statistic, progress=_progress_factory())
     except KeyboardInterrupt:
         print(f"\ninterrupted; every measurement taken is kept in {out}: rerun the same command to continue", file=sys.stderr)
         return 130
@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     profile.add_argument("--batch-size", type=int, default=1, help="batch size measured (default 1)")
     profile.add_argument("--measure-seconds", type=float, default=0.5, help="measuring time per model (default 0.5)")
+    profile.add_argument("--statistic", choices=("p10", "median"), default="p10", help="what the predictors predict (default p10; a rerun may change it)")
     profile.add_argument("--check", type=int, nargs="?", const=20, metavar="N", help="measure N (default 20) fresh archs against the profile's predictors")
     profile.set_defaults(handler=command_profile)
     return parser

@@ -100,3 +100,14 @@ def test_installed_wheel_finds_builtin_spaces_by_name_and_has_no_kernels_package
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "digits_quick" in result.stdout and "mqar_quick" in result.stdout
+
+
+def test_every_shipped_hardware_profile_file_is_in_the_wheel(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {
+        f"nas/hardware_profiles/{path.relative_to(ROOT / 'hardware_profiles').as_posix()}"
+        for path in (ROOT / "hardware_profiles").rglob("*")
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".md") and ".lock" not in path.name
+    }
+    assert any(name.endswith("/profile.json") for name in shipped), "the shipped profiles are found by device from the wheel"
+    assert not shipped - names, f"not in the wheel: {sorted(shipped - names)}"

@@ -21,7 +21,10 @@ Protocol (``build_profile``):
 2. Each arch is built with fresh random weights (``build_static``; latency does not depend on the weights), exported
    to ONNX as a search exports it (fp32 checked against PyTorch; INT8 targets: static QDQ with random calibration
    inputs, which changes scales, not the graph) and measured with ``nas.latency.measure_latency``, eight archs
-   interleaved per call (``measure_seconds`` each). The figure is the median, as the search's objective.
+   interleaved per call (``measure_seconds`` each). Each measurement keeps its median and its 10th percentile; the
+   predictors are fitted on one of them, the profile's ``statistic`` (default ``p10``: on a shared machine the
+   10th percentile tracks the uncontended latency and repeats far better than the median, which moves with the load
+   of the moment; ``median`` is the search's measured objective). It can be changed on a rerun, which refits only.
 3. Pass 2 measures the held-out archs again, later and in other batches: the same statistics of pass 2 against
    pass 1 are the noise floor, the best any predictor can show against a single fresh measurement.
 4. Every distinct piece of the sample's archs (``PieceCosts.pieces``: stem, projections, blocks in context at their
@@ -86,6 +89,9 @@ BATCH = 8
 
 MAX_POOL = 50_000
 """The most random draws the designed sample chooses from."""
+
+STATISTICS = ("p10", "median")
+DEFAULT_STATISTIC = "p10"
 
 DEFAULT_BUDGET = 200
 DEFAULT_MEASURE_SECONDS = 0.5
@@ -332,9 +338,9 @@ class Measurements:
     def get(self, arch_json: str, measurement_pass: int) -> dict[str, Any] | None:
         return self.records.get((arch_json, measurement_pass))
 
-    def median(self, arch_json: str, measurement_pass: int) -> float | None:
+    def value(self, arch_json: str, measurement_pass: int, statistic: str) -> float | None:
         record = self.get(arch_json, measurement_pass)
-        return None if record is None else float(record["measurement"]["median_ms"])
+        return None if record is None else float(record["measurement"][f"{statistic}_ms"])
 
     def put(self, record: dict[str, Any]) -> None:
         self.records[(record["arch"], int(record["pass"]))] = record
@@ -369,9 +375,10 @@ def piece_plan(space: SearchSpace, archs: Sequence[Arch]) -> dict[str, Piece]:
     return plan
 
 
-def piece_table(space: SearchSpace, store: Measurements) -> PieceTable | None:
+def piece_table(space: SearchSpace, store: Measurements, statistic: str) -> PieceTable | None:
     """The look-up table of the measured pieces (``None`` before any is measured)."""
-    entries = {record["arch"]: {"ms": record["measurement"]["median_ms"], "macs": record["macs"], "kind": record["kind"]} for record in store.records.values()}
+    records = store.records.values()
+    entries = {record["arch"]: {"ms": record["measurement"][f"{statistic}_ms"], "macs": record["macs"], "kind": record["kind"]} for record in records}
     return PieceTable(space, entries) if entries else None
 
 
@@ -508,11 +515,15 @@ def build_profile(
     out: Path,
     *,
     minutes: float | None = None,
+    statistic: str = DEFAULT_STATISTIC,
     progress: Callable[[int, str, int], Any] | None = None,
 ) -> ProfileResult:
     """Measure (or continue measuring) the profile of ``space`` on ``settings.target`` into ``out``, then fit and score
     the predictors (see the module docstring). ``minutes`` caps the measuring time of this call; what is left is
-    measured by the next call. Raises ``ProfileError`` for a folder of another space, device or settings."""
+    measured by the next call. ``statistic`` (``p10`` or ``median``) is what the predictors are fitted on; a rerun may
+    change it (nothing is measured again). Raises ``ProfileError`` for a folder of another space, device or settings."""
+    if statistic not in STATISTICS:
+        raise ProfileError(f"the profile statistic must be one of {list(STATISTICS)}, got {statistic!r}")
     from nas.run_lock import RunLock
 
     out = Path(out)
@@ -535,6 +546,7 @@ def build_profile(
             roles = split_roles(space, archs)
             header = _header(space, settings, fingerprint, archs, roles)
             jsonio.write(out / PROFILE_FILE, header, nonfinite="error")
+        header = {**header, "statistic": statistic}
         store = Measurements(out / MEASUREMENTS_FILE)
         plan = [(arch, 1, role) for arch, role in zip(archs, roles, strict=True)]
         plan += [(arch, 2, role) for arch, role in zip(archs, roles, strict=True) if role == "test"]
@@ -590,16 +602,21 @@ def fit_and_score(
 ) -> dict[str, Any]:
     """Fit ``PROFILE_PREDICTORS`` on the measured fit archs, score them on the measured held-out archs, write the
     predictors, ``quality.json``, ``quality.md`` and the profile's ``predictors`` / ``best``; returns the report."""
-    fit = [(arch, store.median(arch.to_json(), 1)) for arch, role in zip(archs, roles, strict=True) if role == "fit"]
+    statistic = header.get("statistic", "median")
+    fit = [(arch, store.value(arch.to_json(), 1, statistic)) for arch, role in zip(archs, roles, strict=True) if role == "fit"]
     fit = [(arch, value) for arch, value in fit if value is not None]
-    test = [(arch, store.median(arch.to_json(), 1), store.median(arch.to_json(), 2)) for arch, role in zip(archs, roles, strict=True) if role == "test"]
+    test = [
+        (arch, store.value(arch.to_json(), 1, statistic), store.value(arch.to_json(), 2, statistic))
+        for arch, role in zip(archs, roles, strict=True)
+        if role == "test"
+    ]
     test_first = [(arch, first) for arch, first, _ in test if first is not None]
     test_both = [(arch, first, second) for arch, first, second in test if first is not None and second is not None]
     fingerprint = header["fingerprint"]
     rows: dict[str, Any] = {}
     fitted: list[str] = []
     records = list(store.records.values()) + (list(pieces.records.values()) if pieces is not None else [])
-    table = piece_table(space, pieces) if pieces is not None else None
+    table = piece_table(space, pieces, statistic) if pieces is not None else None
     for name in PROFILE_PREDICTORS:
         if name in TABLE_PREDICTORS and table is None:
             rows[name] = {"error": "no piece measured yet"}
@@ -627,6 +644,7 @@ def fit_and_score(
         "target": header["settings"]["target"],
         "fingerprint_key": header["fingerprint_key"],
         "cpu_model": fingerprint.get("cpu_model"),
+        "statistic": statistic,
         "gpu": fingerprint.get("gpu"),
         "complete": complete,
         "measured": len(records),
@@ -685,7 +703,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
         f"Device {report['cpu_model']}" + (f", GPU {report['gpu']}" if report.get("gpu") else "") + f" (fingerprint {report['fingerprint_key']}).",
         f"{measured} ({report.get('pieces', 0)} of them pieces measured alone for the look-up table), {report['cost']['minutes']} minutes of "
         f"export and measurement; {report['fit_archs']} archs fitted, {report['test_archs']} held out"
-        + (f"; latencies {span[0]:.4g} .. {span[1]:.4g} ms (median of each measurement)." if span else "."),
+        + (f"; latencies {span[0]:.4g} .. {span[1]:.4g} ms ({report['statistic']} of each measurement)." if span else "."),
         "",
         *quality_table(report["predictors"], report["noise_floor"]),
         "",
@@ -711,6 +729,11 @@ class HardwareProfile:
     @property
     def best(self) -> str | None:
         return self.header.get("best")
+
+    @property
+    def statistic(self) -> str:
+        """What the predictors predict: ``p10`` or ``median`` milliseconds of a measurement."""
+        return str(self.header.get("statistic", "median"))
 
     def predictor(self, name: str | None = None) -> LatencyPredictor:
         """The fitted predictor ``name`` (default: the profile's best), already checked against the profile's
@@ -793,14 +816,15 @@ def check_profile(
             plan = [(arch, 1, "check") for arch in fresh] + [(arch, 2, "check") for arch in fresh]
             jobs = _arch_jobs(profile.space, settings, plan)
             _measure(settings, store, jobs, description=f"check of {profile.folder}", deadline=None, progress=progress, total=len(plan), done=0)
-            first = np.asarray([store.median(arch.to_json(), 1) for arch in fresh], dtype=np.float64)
-            second = np.asarray([store.median(arch.to_json(), 2) for arch in fresh], dtype=np.float64)
+            first = np.asarray([store.value(arch.to_json(), 1, profile.statistic) for arch in fresh], dtype=np.float64)
+            second = np.asarray([store.value(arch.to_json(), 2, profile.statistic) for arch in fresh], dtype=np.float64)
             cost = _cost(list(store.records.values()))
         rows = {name: quality(profile.predictor(name).predict(fresh), first).to_dict() for name in profile.header["predictors"]}
         result = {
             "space": profile.space.name,
             "target": profile.target,
             "archs": len(fresh),
+            "statistic": profile.statistic,
             "fresh_archs": [arch.to_json() for arch in fresh],
             "cost": cost,
             "predictors": rows,

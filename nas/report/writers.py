@@ -432,9 +432,11 @@ def predicted_latency_section(check: dict[str, Any]) -> list[str]:
         "",
     ]
     for name, rows in check["targets"].items():
-        lines += [f"`{name}`:", "", "| trial | arch | predicted ms | measured ms (median) | error | limit |", "|---|---|---|---|---|---|"]
+        statistic = rows[0].get("statistic", "median") if rows else "median"
+        lines += [f"`{name}` ({statistic} of each measurement):", "", f"| trial | arch | predicted ms | measured ms ({statistic}) | error | limit |"]
+        lines.append("|---|---|---|---|---|---|")
         for row in rows:
-            measured = row["measured"]["median_ms"] if row["measured"] else None
+            measured = row["measured"][f"{row.get('statistic', 'median')}_ms"] if row["measured"] else None
             error = f"{100 * row['relative_error']:+.1f}%" if row["relative_error"] is not None else "-"
             limit = "" if row["limit_ms"] is None else (f"**breaks {row['limit_ms']:g}**" if row["breaks_limit"] else f"meets {row['limit_ms']:g}")
             cells = [

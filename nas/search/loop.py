@@ -375,21 +375,22 @@ def _fingerprints(settings: SearchSettings) -> dict[str, dict[str, Any]]:
     return {name: device_fingerprint(resolve_target(name, threads=settings.threads, batch_size=settings.batch_size)) for name in settings.targets}
 
 
-def _latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str]]:
+def _latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str, str]]:
     """Per target: the latency predictor of the hardware profile measured on this device (``search.profiles`` names
     a folder per target; else the profile is looked up by device, ``nas.predictors.profile.find_profile``) and the
-    profile's folder. A profile of another device or space is refused (``RunError`` naming what differs)."""
+    profile's folder and statistic (``p10`` or ``median``: what its predictors predict). A profile of another device
+    or space is refused (``RunError`` naming what differs)."""
     from nas.predictors.base import PredictorError
     from nas.predictors.profile import find_profile, load_profile
 
     given = dict(settings.profiles)
-    chosen: dict[str, tuple[Any, str]] = {}
+    chosen: dict[str, tuple[Any, str, str]] = {}
     for name in settings.targets:
         try:
             profile = load_profile(Path(given[name]), space, fingerprint=fingerprints[name]) if name in given else find_profile(space, fingerprints[name])
             if profile.target != name:
                 raise RunError(f"search.profiles.{name}: {profile.folder} is a profile of target {profile.target!r}, not {name!r}")
-            chosen[name] = (profile.predictor(), str(profile.folder))
+            chosen[name] = (profile.predictor(), str(profile.folder), profile.statistic)
         except PredictorError as error:
             raise RunError(f"search.latency is 'predicted', but target {name!r} has no usable profile: {error}") from None
         logger.info("latency on %s predicted by %s from %s", name, chosen[name][0].name, chosen[name][1])
@@ -397,13 +398,13 @@ def _latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict
 
 
 def _predict_batch(
-    evaluations: dict[str, Evaluation], space: Any, predictors: dict[str, tuple[Any, str]], fingerprints: dict[str, dict[str, Any]]
+    evaluations: dict[str, Evaluation], space: Any, predictors: dict[str, tuple[Any, str, str]], fingerprints: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per arch, per target: the predicted latency, shaped as a measurement (median = p10 = p90 = the prediction, no
-    samples) and marked ``predicted`` with the predictor and profile it came from."""
+    samples) and marked ``predicted`` with the predictor, the profile and the statistic it predicts."""
     archs = {arch_json: Arch.from_json(arch_json, space, source="the study's arch") for arch_json in evaluations}
     results: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in evaluations}
-    for name, (predictor, folder) in predictors.items():
+    for name, (predictor, folder, statistic) in predictors.items():
         values = predictor.predict(list(archs.values()))
         for arch_json, value in zip(archs, values.tolist(), strict=True):
             results[arch_json][name] = {
@@ -418,6 +419,7 @@ def _predict_batch(
                 "predicted": True,
                 "predictor": predictor.name,
                 "profile": folder,
+                "statistic": statistic,
             }
     return results
 
@@ -427,7 +429,8 @@ def check_front(
 ) -> dict[str, Any]:
     """Measure every member of the predicted-latency fronts (re-exported by the evaluators, measured interleaved, kept in
     the latency cache) and write ``search/front_check.json``: per target, per member, the predicted and the measured
-    latency, the relative error and whether the measurement breaks the target's latency limit."""
+    latency, the relative error and whether the measurement breaks the target's latency limit, both on the statistic the
+    profile predicts (``p10`` or ``median``; the measurement keeps both)."""
     members = {name: pareto_front(study, name) for name in settings.targets}
     arch_jsons = list(dict.fromkeys(trial.user_attrs["arch"] for front in members.values() for trial in front))
     evaluations = {outcome.arch_json: outcome.evaluation for outcome in pool.map(arch_jsons) if outcome.evaluation is not None}
@@ -438,15 +441,18 @@ def check_front(
         rows = []
         for trial in front:
             arch_json = trial.user_attrs["arch"]
-            predicted = float(trial.user_attrs[latency_key(name)]["median_ms"])
+            recorded = trial.user_attrs[latency_key(name)]
+            predicted = float(recorded["median_ms"])
+            statistic = recorded.get("statistic", "median")
             measurement = measured.get(arch_json, {}).get(name)
-            value = None if measurement is None else float(measurement["median_ms"])
+            value = None if measurement is None else float(measurement[f"{statistic}_ms"])
             limit = limits.get(name)
             rows.append(
                 {
                     "trial": trial.number,
                     "arch": arch_json,
                     "predicted_ms": predicted,
+                    "statistic": statistic,
                     "measured": measurement,
                     "relative_error": None if value is None else (predicted - value) / value,
                     "limit_ms": limit,

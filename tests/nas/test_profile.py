@@ -210,6 +210,22 @@ def test_a_rerun_with_other_settings_is_refused(profiled: Path, space_file: Path
     assert "budget must be an integer >= 2" in capsys.readouterr().err
 
 
+def test_a_rerun_may_change_the_statistic_and_measures_nothing(profiled: Path, space_file: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(profiled, copy)
+    before = [(copy / name).read_bytes() for name in (MEASUREMENTS_FILE, "pieces.jsonl")]
+    assert json.loads((copy / "quality.json").read_text())["statistic"] == "p10"
+    arguments = ["profile", str(space_file), "--target", "cpu_fp32", "--budget", "15", "--out", str(copy), "--measure-seconds", "0.05"]
+    assert main([*arguments, "--statistic", "median"]) == 0
+    assert [(copy / name).read_bytes() for name in (MEASUREMENTS_FILE, "pieces.jsonl")] == before
+    report = json.loads((copy / "quality.json").read_text())
+    header = json.loads((copy / PROFILE_FILE).read_text())
+    assert report["statistic"] == header["statistic"] == "median"
+    records = [json.loads(line) for line in (copy / MEASUREMENTS_FILE).read_text().splitlines()]
+    medians = [record["measurement"]["median_ms"] for record in records if record["pass"] == 1]
+    assert report["latency_range_ms"] == [min(medians), max(medians)]
+
+
 def test_check_measures_fresh_archs_against_every_predictor(profiled: Path, space_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(profiled, copy)
@@ -259,7 +275,8 @@ def test_a_predicted_search_measures_only_its_front_and_reports_both(trained: Pa
     assert len(calls) == 1, "nothing is measured during the search; the front once at the end"
     assert sorted(arch for arch, _ in calls[0]) == sorted(row["arch"] for row in rows)
     assert rows and all(row["breaks_limit"] and row["measured"]["median_ms"] == 1000.0 for row in rows)
-    assert all(math.isclose(row["relative_error"], (row["predicted_ms"] - 1000.0) / 1000.0) for row in rows)
+    assert all(row["statistic"] == "p10" for row in rows), "the profile predicts the 10th percentile by default"
+    assert all(math.isclose(row["relative_error"], (row["predicted_ms"] - 999.0) / 999.0) for row in rows)
 
 
 def test_nas_run_with_predicted_latency_reports_predicted_and_measured(trained: Path, profiled: Path, space_file: Path, tmp_path: Path) -> None:
