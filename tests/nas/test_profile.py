@@ -210,6 +210,30 @@ def test_a_rerun_with_other_settings_is_refused(profiled: Path, space_file: Path
     assert "budget must be an integer >= 2" in capsys.readouterr().err
 
 
+def test_a_subnet_that_cannot_be_exported_is_recorded_and_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nas.predictors.profile as profile_module
+    from nas.export.onnx import ExportError
+
+    space = parse_config(SPACE, "tiny.yaml").space
+    real = profile_module.arch_model
+    refused = space.largest()
+
+    def failing(space_: object, arch: Arch, kind: str, *, seed: int = 0) -> bytes:
+        if arch == refused:
+            raise ExportError("ONNX Runtime output differs from PyTorch (test)")
+        return real(space_, arch, kind, seed=seed)
+
+    monkeypatch.setattr(profile_module, "arch_model", failing)
+    result = build_profile(space, ProfileSettings(target="cpu_fp32", budget=12, **FAST), tmp_path / "profile")
+    assert result.complete
+    records = [json.loads(line) for line in (tmp_path / "profile" / MEASUREMENTS_FILE).read_text().splitlines()]
+    [failed] = [record for record in records if record["measurement"] is None]
+    assert failed["arch"] == refused.to_json() and "differs from PyTorch (test)" in failed["error"]
+    report = json.loads((tmp_path / "profile" / "quality.json").read_text())
+    assert report["cost"]["export_failures"] == 1 and report["fit_archs"] == 12 - report["test_archs"] - 1
+    assert "could not be exported" in (tmp_path / "profile" / "quality.md").read_text()
+
+
 def test_a_rerun_may_change_the_statistic_and_measures_nothing(profiled: Path, space_file: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(profiled, copy)
