@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--profile", type=Path, required=True)
     parser.add_argument("--trials", type=int, default=3000)
-    parser.add_argument("--limits", default="", help="comma-separated latency limits in ms (default: the 25/50/75%% quantiles of the profile's latencies)")
+    parser.add_argument("--limits", default="", help="comma-separated latency limits in ms (default: 10, 30 and 60%% of the way from the fastest to the slowest latency of the profile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predicted_search.json")
     args = parser.parse_args()
@@ -70,7 +70,7 @@ def main() -> None:
         limits = [float(value) for value in args.limits.split(",")]
     else:
         low, high = quality["latency_range_ms"]
-        limits = [round(low + fraction * (high - low), 4) for fraction in (0.25, 0.5, 0.75)]
+        limits = [round(low + fraction * (high - low), 4) for fraction in (0.1, 0.3, 0.6)]
 
     started = time.perf_counter()
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler("evolution", seed=args.seed, population_size=32, walk=space.walk()))

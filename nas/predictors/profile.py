@@ -412,6 +412,17 @@ def _header(space: SearchSpace, settings: ProfileSettings, fingerprint: dict[str
     }
 
 
+HEADER_TYPES: dict[str, type] = {
+    "space": str,
+    "space_digest": str,
+    "settings": dict,
+    "fingerprint": dict,
+    "fingerprint_key": str,
+    "sample": list,
+    "predictors": list,
+}
+
+
 def read_header(folder: Path) -> dict[str, Any]:
     path = Path(folder) / PROFILE_FILE
     try:
@@ -422,6 +433,16 @@ def read_header(folder: Path) -> dict[str, Any]:
         raise ProfileError(f"{path} is not strict JSON: {error}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ProfileError(f"{path} is not a nasforge hardware profile (format {FORMAT!r} version {VERSION})")
+    problems = [f"{key} must be {kind.__name__}" for key, kind in HEADER_TYPES.items() if not isinstance(header.get(key), kind)]
+    if not problems:
+        problems += [f"settings.{key} is missing" for key in ProfileSettings.__dataclass_fields__ if key not in header["settings"]]
+        problems += [
+            f"sample[{index}] must be {{'arch': <JSON text>, 'role': 'fit' | 'test'}}"
+            for index, entry in enumerate(header["sample"])
+            if not (isinstance(entry, dict) and isinstance(entry.get("arch"), str) and entry.get("role") in ("fit", "test"))
+        ][:3]
+    if problems:
+        raise ProfileError(f"{path} is damaged: {'; '.join(problems)}. Build the profile again into another --out")
     return header
 
 
@@ -499,7 +520,7 @@ def _measure(
                 logger.warning("the time limit is reached: %d of %d measured (%s); rerun to continue", done + measured, total, description)
                 break
             batch = jobs[start : start + BATCH]
-            export_started = time.perf_counter()
+            batch_started = export_started = time.perf_counter()
             models: dict[int, bytes] = {}
             for index, job in enumerate(batch):
                 try:
@@ -510,8 +531,10 @@ def _measure(
                     measured += 1
             export_seconds = (time.perf_counter() - export_started) / len(batch)
             results = measure_latency(models, target, max_seconds=settings.measure_seconds * len(models), seed=settings.seed) if models else {}
+            wall_seconds = (time.perf_counter() - batch_started) / len(batch)
             for index in models:
-                store.put({**batch[index].record, "export_seconds": round(export_seconds, 4), "measurement": results[index].to_dict()})
+                timing = {"export_seconds": round(export_seconds, 4), "wall_seconds": round(wall_seconds, 4)}
+                store.put({**batch[index].record, **timing, "measurement": results[index].to_dict()})
                 measured += 1
             if bar is not None:
                 bar.update(len(batch))
@@ -597,7 +620,7 @@ def build_profile(
 
 def _cost(records: list[dict[str, Any]]) -> dict[str, Any]:
     measured = [record for record in records if record["measurement"] is not None]
-    seconds = sum(record["measurement"]["seconds"] + record.get("export_seconds", 0.0) for record in measured)
+    seconds = sum(record.get("wall_seconds", record["measurement"]["seconds"] + record.get("export_seconds", 0.0)) for record in measured)
     failed = len(records) - len(measured)
     return {"measurements": len(measured), "minutes": round(seconds / 60.0, 2), "export_failures": failed}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,6 +200,27 @@ def test_a_profile_of_another_device_is_refused(profiled: Path, space_file: Path
     other_space = load_config("digits_quick").space
     with pytest.raises(ProfileError, match="not of this space"):
         load_profile(profiled, other_space, fingerprint=fingerprint)
+
+
+def test_a_damaged_profile_is_refused_naming_what_is_wrong(profiled: Path, space_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(profiled, damaged)
+    header = json.loads((damaged / PROFILE_FILE).read_text())
+    arguments = ["profile", str(space_file), "--target", "cpu_fp32", "--budget", "15", "--out", str(damaged), "--measure-seconds", "0.05"]
+    for change, expected in (
+        (lambda value: value.pop("sample"), "sample must be list"),
+        (lambda value: value["settings"].pop("seed"), "settings.seed is missing"),
+        (lambda value: value["sample"].__setitem__(0, {"arch": "{}", "role": "other"}), r"sample\[0\] must be"),
+    ):
+        edited = json.loads(json.dumps(header))
+        change(edited)
+        (damaged / PROFILE_FILE).write_text(json.dumps(edited))
+        assert main(arguments) == 2
+        assert re.search(expected, capsys.readouterr().err)
+    (damaged / PROFILE_FILE).write_text(json.dumps(header)[:100])
+    assert main(arguments) == 2
+    assert "is not strict JSON" in capsys.readouterr().err
+    assert (damaged / MEASUREMENTS_FILE).read_bytes() == (profiled / MEASUREMENTS_FILE).read_bytes(), "nothing measured is lost"
 
 
 def test_a_rerun_with_other_settings_is_refused(profiled: Path, space_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
