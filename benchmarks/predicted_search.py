@@ -46,7 +46,11 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--profile", type=Path, required=True)
     parser.add_argument("--trials", type=int, default=3000)
-    parser.add_argument("--limits", default="", help="comma-separated latency limits in ms (default: 10, 30 and 60%% of the way from the fastest to the slowest latency of the profile)")
+    parser.add_argument(
+        "--limits",
+        default="",
+        help="comma-separated latency limits in ms (default: 10, 30 and 60%% of the way from the fastest to the slowest latency of the profile)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predicted_search.json")
     args = parser.parse_args()

@@ -243,7 +243,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_profile(args: argparse.Namespace) -> int:
     from nas.latency.fingerprint import fingerprint_key
-    from nas.predictors.profile import ProfileSettings, build_profile, check_profile, load_profile, profile_fingerprint, quality_table
+    from nas.predictors.profile import DEFAULT_ROOT, ProfileSettings, build_profile, check_profile, load_profile, profile_fingerprint, quality_table
 
     config = _load_config(args.space)
     space = config.space
@@ -253,7 +253,7 @@ def command_profile(args: argparse.Namespace) -> int:
     if args.minutes is not None and not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     fingerprint = profile_fingerprint(settings)
-    out = Path(args.out) if args.out else Path("profiles") / space.name / f"{args.target}-{fingerprint_key(fingerprint)}"
+    out = Path(args.out) if args.out else Path(DEFAULT_ROOT) / space.name / f"{args.target}-{fingerprint_key(fingerprint)}"
     if args.check is not None:
         if args.check < 2:
             raise UsageError(f"--check needs at least 2 fresh archs, got {args.check}")

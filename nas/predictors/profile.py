@@ -95,6 +95,9 @@ PROFILE_EXPORT_TOLERANCE = 1e-3
 """Max |ORT - PyTorch| allowed when a profile exports a subnet: random weights and inputs give larger logits than a
 trained network (the search's exports keep the 1e-4 check); this still catches a wrong graph."""
 
+DEFAULT_ROOT = "profiles"
+"""``nas profile`` writes to ``profiles/<space>/<target>-<device key>`` (relative to the working directory) by default."""
+
 STATISTICS = ("p10", "median")
 DEFAULT_STATISTIC = "p10"
 
@@ -793,12 +796,12 @@ def load_profile(folder: Path, space: SearchSpace, *, fingerprint: dict[str, Any
 
 
 def profile_roots() -> list[Path]:
-    """Where profiles are found by device: the shipped ``hardware_profiles/`` and ``$NASFORGE_PROFILES`` (``:``
-    separated) before it."""
+    """Where profiles are found by device, in order: ``$NASFORGE_PROFILES`` (``:`` separated), ``./profiles`` (where
+    ``nas profile`` writes by default), the shipped ``hardware_profiles/``."""
     from nas import hardware_profiles
 
     roots = [Path(entry) for entry in os.environ.get("NASFORGE_PROFILES", "").split(os.pathsep) if entry]
-    return [*roots, Path(hardware_profiles.__file__).parent]
+    return [*roots, Path(DEFAULT_ROOT), Path(hardware_profiles.__file__).parent]
 
 
 def find_profile(space: SearchSpace, fingerprint: dict[str, Any], *, roots: Sequence[Path] | None = None) -> HardwareProfile:
