@@ -203,6 +203,12 @@ def command_run(args: argparse.Namespace) -> int:
         latency=args.latency,
         profiles=profiles,
     )
+    if args.profile and settings.latency != "predicted":
+        raise UsageError("--profile is used only with --latency predicted (or search.latency: predicted in the space file)")
+    if settings.latency == "predicted":
+        from nas.search.loop import latency_predictors
+
+        latency_predictors(config.space, settings)
     args.held.enter_context(RunLock(out))
     elapsed: dict[str, float] = {}
     started = time.perf_counter()
@@ -228,10 +234,12 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"front on {name}: {len(front_summary['members'])} archs")
         for member in front_summary["members"]:
             latency = member["latency_ms"][name]
-            print(
-                f"  trial {member['trial']:4d}  {member['arch_name']:28s} val acc {member['val_accuracy']:.4f}  "
-                f"{latency['median_ms']:.4g} ms (p10 {latency['p10_ms']:.4g}, cv {latency['cv']:.1%})"
+            figure = (
+                f"{latency['median_ms']:.4g} ms predicted ({latency.get('statistic', 'median')}, {latency.get('predictor')})"
+                if latency.get("predicted")
+                else f"{latency['median_ms']:.4g} ms (p10 {latency['p10_ms']:.4g}, cv {latency['cv']:.1%})"
             )
+            print(f"  trial {member['trial']:4d}  {member['arch_name']:28s} val acc {member['val_accuracy']:.4f}  {figure}")
     check = jsonio.loads(RunDir(out).front_check.read_text()) if settings.latency == "predicted" and RunDir(out).front_check.exists() else None
     for name, rows in (check or {}).get("targets", {}).items():
         for row in rows:
@@ -254,6 +262,8 @@ def command_profile(args: argparse.Namespace) -> int:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     fingerprint = profile_fingerprint(settings)
     out = Path(args.out) if args.out else Path(DEFAULT_ROOT) / space.name / f"{args.target}-{fingerprint_key(fingerprint)}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a profile folder")
     if args.check is not None:
         if args.check < 2:
             raise UsageError(f"--check needs at least 2 fresh archs, got {args.check}")
@@ -335,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     profile.add_argument("--batch-size", type=int, default=1, help="batch size measured (default 1)")
     profile.add_argument("--measure-seconds", type=float, default=0.5, help="measuring time per model (default 0.5)")
-    profile.add_argument("--statistic", choices=("p10", "median"), default="p10", help="what the predictors predict (default p10; a rerun may change it)")
+    profile.add_argument("--statistic", choices=("p10", "median"), help="what the predictors predict (default: the profile's own, else p10)")
     profile.add_argument("--check", type=int, nargs="?", const=20, metavar="N", help="measure N (default 20) fresh archs against the profile's predictors")
     profile.set_defaults(handler=command_profile)
     return parser

@@ -5,8 +5,9 @@ each block config in its context at its input size, head); a hardware profile (`
 distinct piece of its sample once, alone, as its own ONNX model (``PieceTable``). The sum misses what a whole graph
 does differently (operator fusion across pieces, memory traffic between them, the session's fixed cost per run), so:
 
-- ``lut``: ``latency = intercept + scale * table_sum + per_piece * pieces``, least squares on the profile's fit
-  measurements (three numbers; a few measurements fit it, which is also how it adapts to a new device);
+- ``lut``: ``latency = intercept + scale * table_sum + per_piece * pieces``, non-negative least squares on the
+  profile's fit measurements (three numbers, none below zero: a piece never makes an arch faster; a few measurements
+  fit it, which is also how it adapts to a new device);
 - ``gbdt_lut``: the ``gbdt`` trees with the table's sum and piece count as two more feature columns.
 
 A piece the table lacks (an arch outside the profile's sample with a piece none of its archs had) is estimated from
@@ -125,9 +126,12 @@ class LutPredictor(LatencyPredictor):
         return self.table.sums(archs)[:, :2]
 
     def fit_features(self, features: np.ndarray, latencies_ms: np.ndarray) -> None:
+        from scipy.optimize import nnls
+
         design = np.column_stack([np.ones(len(features)), features])
-        solution, _, _, _ = np.linalg.lstsq(design, latencies_ms, rcond=None)
-        values = [float(value) for value in solution]
+        scale = np.maximum(np.abs(design).max(axis=0), 1e-12)
+        solution, _ = nnls(design / scale, latencies_ms)
+        values = [float(value) for value in solution / scale]
         if not all(math.isfinite(value) for value in values):
             raise PredictorError(f"{self._what()}: least squares gave non-finite coefficients {values}")
         self.coefficients = dict(zip(COEFFICIENTS, values, strict=True))

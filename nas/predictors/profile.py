@@ -82,6 +82,9 @@ TABLE_PREDICTORS = frozenset({"lut", "gbdt_lut"})
 
 PIECES_FILE = "pieces.jsonl"
 
+WEAK_HELD_OUT = 10
+"""Below this many held-out archs the quality table says its figures are weak."""
+
 HOLDOUT_EVERY = 5
 """Every fifth sample arch (in stratum and MACs order) is held out for the quality table."""
 
@@ -313,6 +316,8 @@ class ProfileSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ProfileError(f"profile {name} must be an integer >= {low}, got {value!r}")
+        if self.threads > (os.cpu_count() or 1):
+            raise ProfileError(f"profile threads must be at most this machine's {os.cpu_count() or 1} logical cores, got {self.threads}")
         if not (isinstance(self.measure_seconds, int | float) and 0 < self.measure_seconds <= 600):
             raise ProfileError(f"profile measure_seconds must be in (0, 600], got {self.measure_seconds!r}")
 
@@ -341,7 +346,10 @@ class Measurements:
                     record = json.loads(line)
                     self.records[(record["arch"], int(record["pass"]))] = record
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    raise ProfileError(f"{path} line {number} is not a measurement record; move the file away to re-measure") from None
+                    raise ProfileError(
+                        f"{path} line {number} is not a measurement record (damaged): delete that line and rerun (only it is measured "
+                        "again); the other lines are kept"
+                    ) from None
 
     def get(self, arch_json: str, measurement_pass: int) -> dict[str, Any] | None:
         return self.records.get((arch_json, measurement_pass))
@@ -453,10 +461,12 @@ def check_header(header: dict[str, Any], space: SearchSpace, fingerprint: dict[s
     """Refuse a profile of another space, or (``fingerprint`` given) of another device or setting."""
     from nas.latency.fingerprint import describe_differences, fingerprint_differences
 
-    if header["space"] != space.name or header["space_digest"] != space_digest(space):
+    if header["space"] != space.name:
+        raise ProfileError(f"{where} is a profile of space {header['space']!r}, not of space {space.name!r}")
+    if header["space_digest"] != space_digest(space):
         raise ProfileError(
-            f"{where} is a profile of space {header['space']!r} (digest {header['space_digest']}), not of this space {space.name!r} "
-            f"(digest {space_digest(space)}): the space changed since it was measured; build a new profile with --out elsewhere"
+            f"{where} is a profile of space {space.name!r} as it was (digest {header['space_digest']}); the space has changed since "
+            f"(digest {space_digest(space)}), so its subnets are not the ones measured: build a new profile into another folder"
         )
     if fingerprint is not None:
         differences = fingerprint_differences(header["fingerprint"], fingerprint)
@@ -553,14 +563,15 @@ def build_profile(
     out: Path,
     *,
     minutes: float | None = None,
-    statistic: str = DEFAULT_STATISTIC,
+    statistic: str | None = None,
     progress: Callable[[int, str, int], Any] | None = None,
 ) -> ProfileResult:
     """Measure (or continue measuring) the profile of ``space`` on ``settings.target`` into ``out``, then fit and score
     the predictors (see the module docstring). ``minutes`` caps the measuring time of this call; what is left is
-    measured by the next call. ``statistic`` (``p10`` or ``median``) is what the predictors are fitted on; a rerun may
-    change it (nothing is measured again). Raises ``ProfileError`` for a folder of another space, device or settings."""
-    if statistic not in STATISTICS:
+    measured by the next call. ``statistic`` (``p10`` or ``median``) is what the predictors are fitted on (default: the
+    profile's own, else ``p10``); a rerun may change it (nothing is measured again). Raises ``ProfileError`` for a folder
+    of another space, device or settings."""
+    if statistic is not None and statistic not in STATISTICS:
         raise ProfileError(f"the profile statistic must be one of {list(STATISTICS)}, got {statistic!r}")
     from nas.run_lock import RunLock
 
@@ -581,10 +592,12 @@ def build_profile(
             roles = [entry["role"] for entry in header["sample"]]
         else:
             archs = design_sample(space, settings.budget, seed=settings.seed)
+            if len(archs) < settings.budget:
+                logger.warning("the space has only %d distinct subnets within reach, so the sample holds %d, not %d", len(archs), len(archs), settings.budget)
             roles = split_roles(space, archs)
             header = _header(space, settings, fingerprint, archs, roles)
             jsonio.write(out / PROFILE_FILE, header, nonfinite="error")
-        header = {**header, "statistic": statistic}
+        header = {**header, "statistic": statistic or header.get("statistic") or DEFAULT_STATISTIC}
         store = Measurements(out / MEASUREMENTS_FILE)
         plan = [(arch, 1, role) for arch, role in zip(archs, roles, strict=True)]
         plan += [(arch, 2, role) for arch, role in zip(archs, roles, strict=True) if role == "test"]
@@ -619,6 +632,12 @@ def build_profile(
         report = fit_and_score(space, out, header, archs, roles, store, complete=complete, planned=planned, pieces=pieces)
         done = len(store.records) + len(pieces.records)
         return ProfileResult(out, measured, done, planned, complete, report)
+
+
+def _rank(row: dict[str, Any]) -> tuple[float, ...]:
+    """How predictors are ranked for the profile's ``best``: share within +-10%, then Kendall tau, then share within
+    +-5%, then the lowest MAPE (small held-out sets tie often on the first two)."""
+    return (row["within_10"], row["kendall_tau"], row["within_5"], -row["mape"])
 
 
 def _cost(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -677,7 +696,7 @@ def fit_and_score(
         rows[name] = row
     noise = quality([second for _, _, second in test_both], [first for _, first, _ in test_both]).to_dict() if test_both else None
     scored = [name for name in fitted if "within_10" in rows[name]]
-    best = max(scored, key=lambda name: (rows[name]["within_10"], rows[name]["kendall_tau"])) if scored else (fitted[0] if fitted else None)
+    best = max(scored, key=lambda name: _rank(rows[name])) if scored else (fitted[0] if fitted else None)
     latencies = [value for _, value in fit] + [value for _, value in test_first]
     report = {
         "space": space.name,
@@ -749,10 +768,19 @@ def quality_markdown(report: dict[str, Any]) -> str:
         "",
         *quality_table(report["predictors"], report["noise_floor"]),
         "",
-        (f"Best: {report['best']}." if report["best"] else "Best: none (too few measurements to fit a predictor: raise --budget).")
-        + " No predictor can be judged finer than the noise floor: the same archs measured again disagree with themselves by that much.",
-        "",
+        f"Best: {report['best']}." if report["best"] else "Best: none (too few measurements to fit a predictor: raise --budget).",
     ]
+    if report["noise_floor"]:
+        lines.append(
+            "The noise floor row is a second measurement of the same held-out archs against the first: no predictor can be shown "
+            "to be closer than that to one fresh measurement."
+        )
+    if report["test_archs"] < WEAK_HELD_OUT:
+        lines.append(
+            f"Only {report['test_archs']} held-out arch(s): these figures say little (Kendall tau needs many to mean anything); "
+            "raise --budget, or check the profile with `nas profile ... --check 20`."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -773,6 +801,14 @@ class HardwareProfile:
         return self.header.get("best")
 
     @property
+    def complete(self) -> bool:
+        """Whether every planned measurement was taken (``quality.json``); an incomplete profile still predicts."""
+        try:
+            return bool(jsonio.loads((self.folder / QUALITY_JSON).read_text()).get("complete"))
+        except (OSError, ValueError):
+            return False
+
+    @property
     def statistic(self) -> str:
         """What the predictors predict: ``p10`` or ``median`` milliseconds of a measurement."""
         return str(self.header.get("statistic", "median"))
@@ -781,8 +817,14 @@ class HardwareProfile:
         """The fitted predictor ``name`` (default: the profile's best), already checked against the profile's
         fingerprint (which was checked against the device when the profile was loaded)."""
         chosen = name or self.best
-        if chosen is None or chosen not in self.header.get("predictors", []):
-            raise ProfileError(f"{self.folder} holds no fitted predictor {chosen!r}; it has {self.header.get('predictors', [])}")
+        fitted = self.header.get("predictors", [])
+        if chosen is None:
+            raise ProfileError(
+                f"{self.folder} has no fitted predictor yet (its measurement did not finish, or too few subnets were measured): "
+                "rerun `nas profile` with the same settings to finish it"
+            )
+        if chosen not in fitted:
+            raise ProfileError(f"{self.folder} holds no fitted predictor {chosen!r}; it has {fitted}")
         return LatencyPredictor.load(self.folder / PREDICTORS_FOLDER / chosen, self.space, fingerprint=self.header["fingerprint"])
 
 
@@ -830,7 +872,8 @@ def find_profile(space: SearchSpace, fingerprint: dict[str, Any], *, roots: Sequ
         f"no hardware profile of space {space.name!r} on target {fingerprint.get('target')!r} for this device (key {key}) under "
         f"{[str(root) for root in searched]}"
         + (f"; not used: {'; '.join(near)}" if near else "")
-        + f". Measure one: `nas profile {space.name} --target {fingerprint.get('target')}` (and pass --profile, or put it under $NASFORGE_PROFILES)"
+        + f". Measure one: `nas profile <this space's file or name> --target {fingerprint.get('target')}` (it writes under ./profiles, where "
+        "it is found), or pass its folder with --profile"
     )
 
 

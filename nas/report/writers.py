@@ -311,6 +311,8 @@ def int8_instructions_sentence(cpus: dict[str, list[str] | None]) -> str:
 
 
 def _fmt_latency(measurement: dict[str, Any]) -> str:
+    if measurement.get("predicted"):
+        return f"{measurement['median_ms']:.4g} predicted ({measurement.get('statistic', 'median')}, {measurement.get('predictor')})"
     return f"{measurement['median_ms']:.4g} [{measurement['p10_ms']:.4g}] ±{100 * measurement['cv']:.1f}%"
 
 
@@ -428,7 +430,8 @@ def predicted_latency_section(check: dict[str, Any]) -> list[str]:
         "## Predicted against measured latency",
         "",
         "The search read latency from the hardware profile's predictor; every front member was then exported again and "
-        "measured. A member whose measurement breaks a latency limit is flagged.",
+        "measured. A member whose measurement breaks a latency limit is flagged; a measurement the protocol could not "
+        "stabilise (a busy machine) says so, and its error then says more about the machine than about the predictor.",
         "",
     ]
     for name, rows in check["targets"].items():
@@ -439,14 +442,10 @@ def predicted_latency_section(check: dict[str, Any]) -> list[str]:
             measured = row["measured"][f"{row.get('statistic', 'median')}_ms"] if row["measured"] else None
             error = f"{100 * row['relative_error']:+.1f}%" if row["relative_error"] is not None else "-"
             limit = "" if row["limit_ms"] is None else (f"**breaks {row['limit_ms']:g}**" if row["breaks_limit"] else f"meets {row['limit_ms']:g}")
-            cells = [
-                str(row["trial"]),
-                f"`{Arch.from_json(row['arch']).short_name()}`",
-                f"{row['predicted_ms']:.4g}",
-                "-" if measured is None else f"{measured:.4g}",
-                error,
-                limit,
-            ]
+            shown = "-" if measured is None else f"{measured:.4g}"
+            if row["measured"] and not row["measured"].get("stable", True):
+                shown += f" (unstable, cv {100 * row['measured']['cv']:.0f}%)"
+            cells = [str(row["trial"]), f"`{Arch.from_json(row['arch']).short_name()}`", f"{row['predicted_ms']:.4g}", shown, error, limit]
             lines.append("| " + " | ".join(cells) + " |")
         errors = [abs(row["relative_error"]) for row in rows if row["relative_error"] is not None]
         if errors:

@@ -182,7 +182,7 @@ def run_search(
     _check_size_limits(space, settings)
     measure_models = measure or _default_measure(settings)
     fingerprints = _fingerprints(settings)
-    predictors = _latency_predictors(space, settings, fingerprints) if settings.latency == "predicted" else {}
+    predictors = latency_predictors(space, settings, fingerprints) if settings.latency == "predicted" else {}
     study = open_study(run_dir, settings, resume=resume, walk=space.walk())
     _recover_interrupted(study)
     if not study.trials:
@@ -375,7 +375,7 @@ def _fingerprints(settings: SearchSettings) -> dict[str, dict[str, Any]]:
     return {name: device_fingerprint(resolve_target(name, threads=settings.threads, batch_size=settings.batch_size)) for name in settings.targets}
 
 
-def _latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, str, str]]:
+def latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[Any, str, str]]:
     """Per target: the latency predictor of the hardware profile measured on this device (``search.profiles`` names
     a folder per target; else the profile is looked up by device, ``nas.predictors.profile.find_profile``) and the
     profile's folder and statistic (``p10`` or ``median``: what its predictors predict). A profile of another device
@@ -383,6 +383,7 @@ def _latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict
     from nas.predictors.base import PredictorError
     from nas.predictors.profile import find_profile, load_profile
 
+    fingerprints = fingerprints or _fingerprints(settings)
     given = dict(settings.profiles)
     chosen: dict[str, tuple[Any, str, str]] = {}
     for name in settings.targets:
@@ -391,6 +392,10 @@ def _latency_predictors(space: Any, settings: SearchSettings, fingerprints: dict
             if profile.target != name:
                 raise RunError(f"search.profiles.{name}: {profile.folder} is a profile of target {profile.target!r}, not {name!r}")
             chosen[name] = (profile.predictor(), str(profile.folder), profile.statistic)
+            if not profile.complete:
+                logger.warning(
+                    "the profile %s for %s is incomplete (its measurement did not finish): its predictions rest on fewer subnets", profile.folder, name
+                )
         except PredictorError as error:
             raise RunError(f"search.latency is 'predicted', but target {name!r} has no usable profile: {error}") from None
         logger.info("latency on %s predicted by %s from %s", name, chosen[name][0].name, chosen[name][1])

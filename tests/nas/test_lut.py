@@ -83,6 +83,14 @@ def test_lut_fits_the_correction_and_round_trips(space: SearchSpace, archs: list
     np.testing.assert_array_equal(loaded.predict(archs), predictor.predict(archs))
 
 
+def test_lut_coefficients_are_never_negative(space: SearchSpace, archs: list[Arch], fingerprint: dict[str, Any]) -> None:
+    table = synthetic_table(space, archs)
+    pieces = PieceTable(space, table).sums(archs)[:, 1]
+    measured = np.maximum(0.5 + 1.1 * truth(space, archs) - 0.01 * pieces, 0.01)
+    coefficients = create_predictor("lut", space, table=table).fit(archs[:40], measured[:40], fingerprint).coefficients
+    assert coefficients is not None and min(coefficients.values()) >= 0.0, "a piece never makes an arch faster"
+
+
 def test_gbdt_lut_uses_the_tables_sum(space: SearchSpace, archs: list[Arch], fingerprint: dict[str, Any]) -> None:
     table = synthetic_table(space, archs)
     measured = 0.05 + truth(space, archs)

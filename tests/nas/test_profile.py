@@ -198,7 +198,7 @@ def test_a_profile_of_another_device_is_refused(profiled: Path, space_file: Path
     with pytest.raises(ProfileError, match="not used: .*foreign"):
         find_profile(space, fingerprint, roots=[tmp_path])
     other_space = load_config("digits_quick").space
-    with pytest.raises(ProfileError, match="not of this space"):
+    with pytest.raises(ProfileError, match="is a profile of space 'tiny_profile', not of space 'digits_quick'"):
         load_profile(profiled, other_space, fingerprint=fingerprint)
 
 
@@ -264,6 +264,8 @@ def test_a_rerun_may_change_the_statistic_and_measures_nothing(profiled: Path, s
     arguments = ["profile", str(space_file), "--target", "cpu_fp32", "--budget", "15", "--out", str(copy), "--measure-seconds", "0.05"]
     assert main([*arguments, "--statistic", "median"]) == 0
     assert [(copy / name).read_bytes() for name in (MEASUREMENTS_FILE, "pieces.jsonl")] == before
+    assert main(arguments) == 0
+    assert json.loads((copy / "quality.json").read_text())["statistic"] == "median", "a plain rerun keeps the profile's statistic"
     report = json.loads((copy / "quality.json").read_text())
     header = json.loads((copy / PROFILE_FILE).read_text())
     assert report["statistic"] == header["statistic"] == "median"
@@ -341,6 +343,20 @@ def test_nas_run_with_predicted_latency_reports_predicted_and_measured(trained: 
     for row in rows:
         assert row["measured"]["samples"] > 0 and row["measured"]["median_ms"] > 0
         assert f"| {row['trial']} |" in report.split("## Predicted against measured latency")[1]
+
+
+def test_profile_and_predicted_run_refuse_bad_use_before_any_work(profiled: Path, space_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a_file").write_text("x")
+    assert main(["profile", str(space_file), "--target", "cpu_fp32", "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a profile folder" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["run", str(space_file), "--out", str(out), "--profile", str(profiled), "--no-export"]) == 2
+    assert "--profile is used only with --latency predicted" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text(SPACE.replace("name: tiny_profile", "name: tiny_unprofiled"))
+    assert main(["run", str(other), "--out", str(out), "--latency", "predicted", "--no-export"]) == 2
+    assert "no hardware profile of space 'tiny_unprofiled'" in capsys.readouterr().err
+    assert not (out / "checkpoint").exists(), "refused before the supernet is trained"
 
 
 def test_a_predicted_search_without_a_usable_profile_is_a_clear_error(trained: Path, profiled: Path, tmp_path: Path) -> None:
