@@ -76,9 +76,9 @@ def main() -> None:
     args = parser.parse_args()
     overrides: dict = {"latency": args.latency}
     if args.profile:
-        from nas.predictors.profile import read_header
+        from nas.predictors.profile import profile_targets
 
-        overrides["profiles"] = tuple(sorted((read_header(Path(folder))["settings"]["target"], folder) for folder in args.profile))
+        overrides["profiles"] = tuple(sorted(profile_targets(args.profile).items()))
     trained = Path(args.run)
     if not (trained / "metrics.json").exists():
         print(f"training {args.space} into {trained} ...")

@@ -187,11 +187,9 @@ def command_run(args: argparse.Namespace) -> int:
     targets = tuple(name.strip() for name in args.targets.split(",")) if args.targets else None
     profiles = None
     if args.profile:
-        from nas.predictors.profile import read_header
+        from nas.predictors.profile import profile_targets
 
-        profiles = tuple(
-            sorted({**dict(config.search.profiles), **{read_header(Path(folder))["settings"]["target"]: folder for folder in args.profile}}.items())
-        )
+        profiles = tuple(sorted({**dict(config.search.profiles), **profile_targets(args.profile)}.items()))
     settings = SearchSettings.from_config(
         config.search,
         trials=args.trials,

@@ -102,10 +102,19 @@ def _checked_table(space: SearchSpace, table: Mapping[str, Mapping[str, Any]] | 
     return PieceTable(space, table)
 
 
-def _table_state(table: PieceTable | None, what: str) -> dict[str, dict[str, Any]]:
+def _require_table(table: PieceTable | None, what: str) -> PieceTable:
     if table is None:
         raise PredictorError(f"{what} has no piece table; give one (table=...) or build it with `nas profile`")
-    return dict(sorted(table.entries.items()))
+    return table
+
+
+def _table_features(table: PieceTable | None, what: str, archs: Sequence[Arch]) -> np.ndarray:
+    """``[N, 2]``: the table's sum (ms) and the piece count of each arch (``TABLE_FEATURES``)."""
+    return _require_table(table, what).sums(archs)[:, :2]
+
+
+def _table_state(table: PieceTable | None, what: str) -> dict[str, dict[str, Any]]:
+    return dict(sorted(_require_table(table, what).entries.items()))
 
 
 @register_predictor("lut", kind="latency", features="sum of the pieces' isolated latencies (a profile's piece table), corrected by least squares")
@@ -121,9 +130,7 @@ class LutPredictor(LatencyPredictor):
 
     def features(self, archs: Sequence[Arch]) -> np.ndarray:
         """``[N, 2]``: the table's sum (ms) and the piece count of each arch."""
-        if self.table is None:
-            raise PredictorError(f"{self._what()} has no piece table; give one (table=...) or build it with `nas profile`")
-        return self.table.sums(archs)[:, :2]
+        return _table_features(self.table, self._what(), archs)
 
     def fit_features(self, features: np.ndarray, latencies_ms: np.ndarray) -> None:
         from scipy.optimize import nnls
@@ -174,9 +181,7 @@ class GbdtLutPredictor(GbdtPredictor):
         return TABLE_FEATURES
 
     def extra_features(self, archs: Sequence[Arch]) -> np.ndarray:
-        if self.table is None:
-            raise PredictorError(f"{self._what()} has no piece table; give one (table=...) or build it with `nas profile`")
-        return self.table.sums(archs)[:, :2]
+        return _table_features(self.table, self._what(), archs)
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "table": _table_state(self.table, self._what())}

@@ -457,6 +457,12 @@ def read_header(folder: Path) -> dict[str, Any]:
     return header
 
 
+def profile_targets(folders: Sequence[str | Path]) -> dict[str, str]:
+    """``{target: folder}`` of profile folders, each read (and checked) from its ``profile.json``: what
+    ``search.profiles`` holds."""
+    return {read_header(Path(folder))["settings"]["target"]: str(folder) for folder in folders}
+
+
 def check_header(header: dict[str, Any], space: SearchSpace, fingerprint: dict[str, Any] | None, where: Path) -> None:
     """Refuse a profile of another space, or (``fingerprint`` given) of another device or setting."""
     from nas.latency.fingerprint import describe_differences, fingerprint_differences
