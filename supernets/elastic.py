@@ -20,12 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+BANDS = ("square", "horizontal", "vertical")
+"""Kernel shapes of ``ElasticConv2d``: ``k x k``, a ``1 x k`` row band, a ``k x 1`` column band (InceptionNeXt)."""
 
-def centred_kernel(weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """The centred ``kernel_size`` window of ``weight: [O, I, K, K]``."""
-    full = weight.shape[-1]
-    start = (full - kernel_size) // 2
-    return weight[..., start : start + kernel_size, start : start + kernel_size]
+
+def kernel_shape(kernel_size: int, band: str = "square") -> tuple[int, int]:
+    """``(height, width)`` of a ``kernel_size`` kernel of shape ``band`` (one of ``BANDS``)."""
+    if band == "horizontal":
+        return (1, kernel_size)
+    if band == "vertical":
+        return (kernel_size, 1)
+    return (kernel_size, kernel_size)
+
+
+def centred_kernel(weight: torch.Tensor, kernel_size: int, band: str = "square") -> torch.Tensor:
+    """The centred window of ``weight: [O, I, KH, KW]`` of ``kernel_shape(kernel_size, band)``."""
+    height, width = kernel_shape(kernel_size, band)
+    top = (weight.shape[-2] - height) // 2
+    left = (weight.shape[-1] - width) // 2
+    return weight[..., top : top + height, left : left + width]
 
 
 ActiveWeights = tuple[torch.Tensor, torch.Tensor | None]
@@ -98,7 +111,9 @@ class ElasticConv2d(nn.Module):
         stride: fixed stride.
         depthwise: one filter per channel (``groups = channels``; ``in_channels`` must equal ``out_channels``).
         bias: learnable bias.
-        kernel_transform: learn Once-for-All's transform matrices between successive kernel sizes.
+        kernel_transform: learn Once-for-All's transform matrices between successive kernel sizes (square only).
+        band: ``square`` (``k x k``), ``horizontal`` (``1 x k``) or ``vertical`` (``k x 1``); padding keeps the
+            spatial size (``k // 2`` along the kernel's long axes).
     """
 
     def __init__(
@@ -111,16 +126,22 @@ class ElasticConv2d(nn.Module):
         depthwise: bool = False,
         bias: bool = False,
         kernel_transform: bool = False,
+        band: str = "square",
     ) -> None:
         super().__init__()
         if depthwise and max_in_channels != max_out_channels:
             raise ValueError("a depthwise convolution needs max_in_channels == max_out_channels")
+        if band not in BANDS:
+            raise ValueError(f"band must be one of {list(BANDS)}, got {band!r}")
+        if kernel_transform and band != "square":
+            raise ValueError("kernel transforms apply to square kernels only")
+        self.band = band
         self.kernel_sizes = tuple(sorted(set(kernel_sizes), reverse=True))
         self.max_kernel_size = self.kernel_sizes[0]
         self.stride = stride
         self.depthwise = depthwise
         in_per_group = 1 if depthwise else max_in_channels
-        self.weight = nn.Parameter(torch.empty(max_out_channels, in_per_group, self.max_kernel_size, self.max_kernel_size))
+        self.weight = nn.Parameter(torch.empty(max_out_channels, in_per_group, *kernel_shape(self.max_kernel_size, band)))
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
         self.bias = nn.Parameter(torch.zeros(max_out_channels)) if bias else None
         self.transforms = nn.ParameterDict()
@@ -130,12 +151,12 @@ class ElasticConv2d(nn.Module):
         self._cache = _ActiveWeightCache()
 
     def active_weight(self, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
-        """Weight of the active choice: ``[out, in or 1, k, k]``."""
+        """Weight of the active choice: ``[out, in or 1, kh, kw]`` (``kernel_shape(kernel_size, band)``)."""
         if kernel_size not in self.kernel_sizes:
             raise ValueError(f"kernel_size must be one of {sorted(self.kernel_sizes)}, got {kernel_size}")
         weight = self.weight[:out_channels] if self.depthwise else self.weight[:out_channels, :in_channels]
         if not self.transforms:
-            return centred_kernel(weight, kernel_size)
+            return centred_kernel(weight, kernel_size, self.band)
         current = self.max_kernel_size
         for smaller in self.kernel_sizes[1:]:
             if current == kernel_size:
@@ -155,12 +176,25 @@ class ElasticConv2d(nn.Module):
             lambda: (self.active_weight(in_channels, out_channels, kernel_size), None if self.bias is None else self.bias[:out_channels]),
         )
         groups = out_channels if self.depthwise else 1
-        return F.conv2d(x, weight, bias, self.stride, kernel_size // 2, 1, groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding(kernel_size), 1, groups)
+
+    def padding(self, kernel_size: int) -> tuple[int, int]:
+        """``(top/bottom, left/right)`` padding that keeps the spatial size at stride 1."""
+        height, width = kernel_shape(kernel_size, self.band)
+        return (height // 2, width // 2)
 
     def export(self, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
         """A static ``nn.Conv2d`` equal to the active choice."""
         groups = out_channels if self.depthwise else 1
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, self.stride, kernel_size // 2, groups=groups, bias=self.bias is not None)
+        conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_shape(kernel_size, self.band),
+            self.stride,
+            self.padding(kernel_size),
+            groups=groups,
+            bias=self.bias is not None,
+        )
         with torch.no_grad():
             state = {"weight": self.active_weight(in_channels, out_channels, kernel_size)}
             if self.bias is not None:
@@ -317,6 +351,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
+    "BANDS",
     "ActiveWeights",
     "ElasticBatchNorm2d",
     "ElasticConv2d",
@@ -327,4 +362,5 @@ __all__ = [
     "head_major_order",
     "head_rows",
     "importance_order",
+    "kernel_shape",
 ]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field, StrictInt
 from torch import nn
 
-from ..elastic import ActiveWeights, ElasticConv2d, ElasticLinear, centred_kernel
+from ..elastic import ActiveWeights, ElasticConv2d, ElasticLinear, centred_kernel, kernel_shape
 from ..space import Arch, SearchSpace
 from ..supernet import StaticNet, Supernet
 from .base import STRATEGIES, StrategyError
@@ -210,7 +210,7 @@ class MixtureConv2d(ElasticConv2d):
         if not eligible_conv(source):
             raise ValueError("MixtureConv2d takes a non-depthwise ElasticConv2d without kernel transforms")
         out_channels, in_channels = source.weight.shape[:2]
-        super().__init__(in_channels, out_channels, source.kernel_sizes, source.stride, bias=source.bias is not None)
+        super().__init__(in_channels, out_channels, source.kernel_sizes, source.stride, bias=source.bias is not None, band=source.band)
         with torch.no_grad():
             self.weight.copy_(source.weight)
             if self.bias is not None and source.bias is not None:
@@ -223,7 +223,7 @@ class MixtureConv2d(ElasticConv2d):
         """The mixture of the experts for the active arch, sliced: weight ``[out, in, k, k]``, bias ``[out]`` or None."""
         if kernel_size not in self.kernel_sizes:
             raise ValueError(f"kernel_size must be one of {sorted(self.kernel_sizes)}, got {kernel_size}")
-        weights = [centred_kernel(weight[:out_channels, :in_channels], kernel_size) for weight in (self.weight, *self.mixture.weights)]
+        weights = [centred_kernel(weight[:out_channels, :in_channels], kernel_size, self.band) for weight in (self.weight, *self.mixture.weights)]
         biases = [] if self.bias is None else [bias[:out_channels] for bias in (self.bias, *self.mixture.biases)]
         if self.mixture.experts == 1:
             return weights[0], biases[0] if biases else None
@@ -238,11 +238,11 @@ class MixtureConv2d(ElasticConv2d):
         """x: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride]."""
         choice = (in_channels, out_channels, kernel_size, self.router_key)
         weight, bias = self._cache.get(self, choice, lambda: self.active(in_channels, out_channels, kernel_size))
-        return F.conv2d(x, weight, bias, self.stride, kernel_size // 2)
+        return F.conv2d(x, weight, bias, self.stride, self.padding(kernel_size))
 
     def export(self, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
         """A static ``nn.Conv2d`` holding a copy of the active arch's mixed weights."""
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, self.stride, kernel_size // 2, bias=self.bias is not None)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_shape(kernel_size, self.band), self.stride, self.padding(kernel_size), bias=self.bias is not None)
         with torch.no_grad():
             weight, bias = self.active(in_channels, out_channels, kernel_size)
             state = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
