@@ -11,9 +11,15 @@ Layer layout (shared by the elastic block and its static twin, so that state-dic
 
 * ``norm1``, ``norm2``: LayerNorm over channels;
 * ``token_mixer``: see the mixer classes;
-* ``ffn``: ``up`` (C -> hidden), ``gate`` (C -> hidden, ``glu`` only), ``down`` (hidden -> C), all with bias;
-  ``mlp`` computes ``down(act(up(x)))``, ``glu`` computes ``down(act(gate(x)) * up(x))``, and both use
-  ``hidden = hidden_channels(C, mlp_ratio)``.
+* ``ffn``: ``up`` (C -> hidden), ``gate`` (C -> hidden, ``glu`` only), ``squeeze`` (hidden -> C) and ``expand``
+  (C -> hidden, ``hourglass`` only), ``down`` (hidden -> C), all with bias, ``hidden = hidden_channels(C, mlp_ratio)``:
+
+  * ``mlp`` computes ``down(act(up(x)))`` (the Transformer FFN);
+  * ``glu`` computes ``down(act(gate(x)) * up(x))`` (Activator, Shazeer's GLU variants);
+  * ``hourglass`` lifts to the wide width, runs a residual step through a bottleneck of the block width and projects
+    back: ``z = up(x)``, ``z = z + expand(act(squeeze(z)))``, ``down(z)`` ("Rethinking the shape convention of an
+    MLP", 2025: the skip connection at the expanded width, the residual computation through the narrow one). Both
+    widths are elastic: the skip width through ``mlp_ratio``, the bottleneck through the block width.
 """
 
 from __future__ import annotations
@@ -39,14 +45,18 @@ from .base import (
     register_block,
 )
 
-FFN_KINDS = ("glu", "mlp")
+FFN_KINDS = ("glu", "mlp", "hourglass")
 FFN_ACTIVATIONS = ("gelu", "silu", "relu")
 FFN_FIELD_NAMES = ("ffn", "mlp_ratio", "activation")
 
 
 def ffn_field() -> Any:
     """The ``ffn`` field shared by every MetaFormer config (declare it after the token mixer's fields)."""
-    return choice(OptionRule(FFN_KINDS), "feed-forward network: gated (glu) or plain two-layer (mlp)", shrinks="switch")
+    return choice(
+        OptionRule(FFN_KINDS),
+        "feed-forward network: gated (glu), plain two-layer (mlp) or wide-narrow-wide with its skip at the wide width (hourglass)",
+        shrinks="switch",
+    )
 
 
 def mlp_ratio_field() -> Any:
@@ -105,19 +115,25 @@ class FeedForward(nn.Module):
         hidden = hidden_channels(channels, config.mlp_ratio)
         self.up = nn.Linear(channels, hidden)
         self.gate = nn.Linear(channels, hidden) if config.ffn == "glu" else None
+        self.squeeze = nn.Linear(hidden, channels) if config.ffn == "hourglass" else None
+        self.expand = nn.Linear(channels, hidden) if config.ffn == "hourglass" else None
         self.activation = make_activation(config.activation)
         self.down = nn.Linear(hidden, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is None:
-            return self.down(self.activation(self.up(x)))
-        return self.down(self.activation(self.gate(x)) * self.up(x))
+        if self.gate is not None:
+            return self.down(self.activation(self.gate(x)) * self.up(x))
+        if self.squeeze is not None and self.expand is not None:
+            wide = self.up(x)
+            return self.down(wide + self.expand(self.activation(self.squeeze(wide))))
+        return self.down(self.activation(self.up(x)))
 
 
 class ElasticFeedForward(nn.Module):
     """Feed-forward network with elastic width, hidden width (``mlp_ratio``), kind and activation.
 
-    The ``gate`` projection exists only when ``glu`` is among the choices.
+    The ``gate`` projection exists only when ``glu`` is among the choices, ``squeeze`` and ``expand`` only when
+    ``hourglass`` is.
     """
 
     def __init__(self, max_channels: int, choices: BlockChoices) -> None:
@@ -125,6 +141,9 @@ class ElasticFeedForward(nn.Module):
         max_hidden = hidden_channels(max_channels, max(choices["mlp_ratio"]))
         self.up = ElasticLinear(max_channels, max_hidden)
         self.gate = ElasticLinear(max_channels, max_hidden) if "glu" in choices["ffn"] else None
+        hourglass = "hourglass" in choices["ffn"]
+        self.squeeze = ElasticLinear(max_hidden, max_channels) if hourglass else None
+        self.expand = ElasticLinear(max_channels, max_hidden) if hourglass else None
         self.activations = nn.ModuleDict({name: make_activation(name) for name in choices["activation"]})
         self.down = ElasticLinear(max_hidden, max_channels)
 
@@ -135,16 +154,24 @@ class ElasticFeedForward(nn.Module):
         up = self.up(x, channels, hidden)
         if config.ffn == "mlp":
             return self.down(activation(up), hidden, channels)
+        if config.ffn == "hourglass":
+            assert self.squeeze is not None and self.expand is not None, "set_active admits hourglass only when it is among the choices"
+            wide = up + self.expand(activation(self.squeeze(up, hidden, channels)), channels, hidden)
+            return self.down(wide, hidden, channels)
         assert self.gate is not None, "set_active admits glu only when it is among the choices"
         return self.down(activation(self.gate(x, channels, hidden)) * up, hidden, channels)
 
     def reorder_channels(self) -> None:
         """Sort the hidden units by the L1 norm of the down projection's weights on them; up and gate rows move
-        with them. The output is unchanged at every width (each hidden unit is computed independently)."""
+        with them, and so do the hourglass bottleneck's columns (``squeeze``) and rows (``expand``). The output is
+        unchanged at the largest choice (a permutation of the wide units commutes with everything the FFN does)."""
         order = importance_order(self.down.weight, 1)
         self.up.permute_(out_order=order)
         if self.gate is not None:
             self.gate.permute_(out_order=order)
+        if self.squeeze is not None and self.expand is not None:
+            self.squeeze.permute_(in_order=order)
+            self.expand.permute_(out_order=order)
         self.down.permute_(in_order=order)
 
     def export_layers(self, config: FFNSettings, channels: int) -> dict[str, nn.Module]:
@@ -154,6 +181,10 @@ class ElasticFeedForward(nn.Module):
         if config.ffn == "glu":
             assert self.gate is not None, "set_active admits glu only when it is among the choices"
             layers["gate"] = self.gate.export(channels, hidden)
+        if config.ffn == "hourglass":
+            assert self.squeeze is not None and self.expand is not None, "set_active admits hourglass only when it is among the choices"
+            layers["squeeze"] = self.squeeze.export(hidden, channels)
+            layers["expand"] = self.expand.export(channels, hidden)
         return layers
 
 

@@ -17,7 +17,7 @@ from tests.helpers import randomise_batch_norm
 
 
 def two_choices(rule) -> tuple:
-    """Two small valid values of any field rule."""
+    """Two small valid values of any numeric field rule; every value of a name or boolean field."""
     if isinstance(rule, IntRule):
         step = 2 if rule.odd else 1
         start = rule.minimum if not rule.odd or rule.minimum % 2 else rule.minimum + 1
@@ -26,7 +26,7 @@ def two_choices(rule) -> tuple:
     if isinstance(rule, FloatRule):
         return (float(rule.minimum), float(rule.minimum) + 1.0)
     if isinstance(rule, OptionRule):
-        return rule.values[:2]
+        return rule.values
     assert isinstance(rule, BoolRule)
     return (False, True)
 
@@ -61,6 +61,17 @@ def onnx_output(module: torch.nn.Module, x: torch.Tensor, batch: torch.Tensor) -
     return session.run(None, {"input": batch.numpy()})[0]
 
 
+def contract_configs(choices: BlockChoices, rules: dict) -> list:
+    """The smallest and the largest config, random ones, and, for every value of every name or boolean field, a random
+    config holding it (so an option such as ``ffn: hourglass`` is always exercised)."""
+    rng = np.random.default_rng(0)
+    configs = [choices.smallest(), choices.largest(), choices.sample(rng), choices.sample(rng)]
+    for field, values in choices.fields:
+        if isinstance(rules[field], OptionRule | BoolRule):
+            configs.extend(dataclasses.replace(choices.sample(rng), **{field: value}) for value in values)
+    return list(dict.fromkeys(configs))
+
+
 @pytest.mark.parametrize(("name", "modality"), list(cases()))
 def test_every_block_elastic_equals_extracted_equals_onnx(name: str, modality: str) -> None:
     entry = BLOCKS.get(name)
@@ -73,9 +84,7 @@ def test_every_block_elastic_equals_extracted_equals_onnx(name: str, modality: s
             parameter.add_(torch.randn_like(parameter) * 0.05)
     randomise_batch_norm(elastic)
     elastic.eval()
-    rng = np.random.default_rng(0)
-    for trial in range(4):
-        config = choices.sample(rng) if trial else choices.smallest()
+    for trial, config in enumerate(contract_configs(choices, entry.rules)):
         in_channels, out_channels = ((8, 12) if entry.reshapes else (12, 12)) if trial % 2 else (in_max, out_max)
         elastic.set_active(config, in_channels, out_channels)
         x = example(modality, in_channels)

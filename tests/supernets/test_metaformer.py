@@ -145,6 +145,40 @@ def test_ffn_kinds() -> None:
     torch.testing.assert_close(glu(x), expected)
     only_mlp = ElasticGatedAttention(BlockContext("sequence", 16, 16), BlockChoices.build("gated_attention", {**FIELDS, "ffn": ("mlp",)}))
     assert only_mlp.ffn.gate is None
+    assert only_mlp.ffn.squeeze is None and only_mlp.ffn.expand is None
+
+
+def test_hourglass_ffn_keeps_its_skip_at_the_wide_width() -> None:
+    """Hourglass: z = up(x) (C -> hidden), z + expand(act(squeeze(z))) through a bottleneck of the block width,
+    then down; 16 -> 64 -> 16 -> 64 -> 16 for mlp_ratio 4."""
+    config = GatedAttentionConfig(num_heads=1, head_dim=8, ffn="hourglass", mlp_ratio=4, activation="gelu")
+    hourglass = FeedForward(config, 16)
+    assert hourglass.squeeze is not None and hourglass.expand is not None
+    assert (hourglass.up.out_features, hourglass.squeeze.out_features, hourglass.expand.out_features) == (64, 16, 64)
+    x = torch.randn(3, 5, 16)
+    wide = hourglass.up(x)
+    torch.testing.assert_close(hourglass(x), hourglass.down(wide + hourglass.expand(F.gelu(hourglass.squeeze(wide)))))
+    with torch.no_grad():
+        hourglass.expand.weight.zero_()
+        hourglass.expand.bias.zero_()
+    torch.testing.assert_close(hourglass(x), hourglass.down(hourglass.up(x)))
+
+
+def test_hourglass_elastic_slices_and_reorders() -> None:
+    fields = {**FIELDS, "ffn": ("hourglass", "mlp")}
+    block = randomize_norms(ElasticGatedAttention(BlockContext("sequence", MAX_WIDTH, MAX_WIDTH), BlockChoices.build("gated_attention", fields)))
+    block.eval()
+    x = torch.randn(2, 6, MAX_WIDTH)
+    largest = dataclasses.replace(block.choices.largest(), ffn="hourglass")
+    for config, width in [(largest, MAX_WIDTH), (dataclasses.replace(largest, mlp_ratio=1, num_heads=1), 16)]:
+        block.set_active(config, width, width)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x[..., :width]), block.extract().eval()(x[..., :width]), atol=1e-5, rtol=0)
+    block.set_active(largest, MAX_WIDTH, MAX_WIDTH)
+    with torch.no_grad():
+        before = block(x)
+        block.reorder_channels()
+        torch.testing.assert_close(block(x), before, atol=1e-5, rtol=1e-5)
 
 
 def test_set_active_rejects_values_outside_the_choices() -> None:
