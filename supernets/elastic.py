@@ -150,11 +150,19 @@ class ElasticConv2d(nn.Module):
                 self.transforms[f"{larger}to{smaller}"] = nn.Parameter(torch.eye(smaller * smaller))
         self._cache = _ActiveWeightCache()
 
-    def active_weight(self, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
-        """Weight of the active choice: ``[out, in or 1, kh, kw]`` (``kernel_shape(kernel_size, band)``)."""
+    def active_weight(self, in_channels: int, out_channels: int | torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """Weight of the active choice: ``[out, in or 1, kh, kw]`` (``kernel_shape(kernel_size, band)``).
+
+        A depthwise convolution also takes ``out_channels`` as a 1-D index tensor of its channels (e.g. ``head_rows``
+        of a head-major layout), ``in_channels`` then being their count."""
         if kernel_size not in self.kernel_sizes:
             raise ValueError(f"kernel_size must be one of {sorted(self.kernel_sizes)}, got {kernel_size}")
-        weight = self.weight[:out_channels] if self.depthwise else self.weight[:out_channels, :in_channels]
+        if isinstance(out_channels, torch.Tensor):
+            if not self.depthwise:
+                raise ValueError("only a depthwise convolution selects its channels by index")
+            weight = self.weight.index_select(0, out_channels)
+        else:
+            weight = self.weight[:out_channels] if self.depthwise else self.weight[:out_channels, :in_channels]
         if not self.transforms:
             return centred_kernel(weight, kernel_size, self.band)
         current = self.max_kernel_size
@@ -168,14 +176,19 @@ class ElasticConv2d(nn.Module):
             current = smaller
         return weight
 
-    def forward(self, x: torch.Tensor, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+    def _active_bias(self, out_channels: int | torch.Tensor) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias.index_select(0, out_channels) if isinstance(out_channels, torch.Tensor) else self.bias[:out_channels]
+
+    def forward(self, x: torch.Tensor, in_channels: int, out_channels: int | torch.Tensor, kernel_size: int) -> torch.Tensor:
         """x: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride]."""
         weight, bias = self._cache.get(
             self,
-            (in_channels, out_channels, kernel_size),
-            lambda: (self.active_weight(in_channels, out_channels, kernel_size), None if self.bias is None else self.bias[:out_channels]),
+            (in_channels, _selection_key(out_channels), kernel_size),
+            lambda: (self.active_weight(in_channels, out_channels, kernel_size), self._active_bias(out_channels)),
         )
-        groups = out_channels if self.depthwise else 1
+        groups = weight.shape[0] if self.depthwise else 1
         return F.conv2d(x, weight, bias, self.stride, self.padding(kernel_size), 1, groups)
 
     def padding(self, kernel_size: int) -> tuple[int, int]:
@@ -183,12 +196,13 @@ class ElasticConv2d(nn.Module):
         height, width = kernel_shape(kernel_size, self.band)
         return (height // 2, width // 2)
 
-    def export(self, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
+    def export(self, in_channels: int, out_channels: int | torch.Tensor, kernel_size: int) -> nn.Conv2d:
         """A static ``nn.Conv2d`` equal to the active choice."""
-        groups = out_channels if self.depthwise else 1
+        count = int(out_channels.numel()) if isinstance(out_channels, torch.Tensor) else out_channels
+        groups = count if self.depthwise else 1
         conv = nn.Conv2d(
             in_channels,
-            out_channels,
+            count,
             kernel_shape(kernel_size, self.band),
             self.stride,
             self.padding(kernel_size),
@@ -197,8 +211,9 @@ class ElasticConv2d(nn.Module):
         )
         with torch.no_grad():
             state = {"weight": self.active_weight(in_channels, out_channels, kernel_size)}
-            if self.bias is not None:
-                state["bias"] = self.bias[:out_channels]
+            bias = self._active_bias(out_channels)
+            if bias is not None:
+                state["bias"] = bias
             conv.load_state_dict(state)
         return conv
 
