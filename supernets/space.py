@@ -89,13 +89,21 @@ class StemSpec:
 @dataclass(frozen=True, slots=True)
 class HeadSpec:
     """Image: 1x1 conv + BN + activation for each of ``channels``, global average pool, an optional
-    ``features`` linear + activation (MobileNetV3), dropout, classifier. Sequence: LayerNorm + per-token
+    ``features`` linear + activation (MobileNetV3; with a bias unless ``features_bias`` is false: torchvision's has
+    one, Once-for-All's has none), dropout, classifier. Sequence: LayerNorm + per-token
     classifier."""
 
     channels: tuple[int, ...] = ()
     features: int | None = None
     dropout: float = 0.0
     activation: str = "relu"
+    features_bias: bool = True
+
+    def __repr__(self) -> str:
+        """The dataclass repr, leaving out ``features_bias`` while it has its default: the digest of a space (which
+        hardware profiles store) is taken over its repr, and stays what it was before the field existed."""
+        text = f"HeadSpec(channels={self.channels!r}, features={self.features!r}, dropout={self.dropout!r}, activation={self.activation!r}"
+        return text + ("" if self.features_bias else ", features_bias=False") + ")"
 
 
 @dataclass(frozen=True, slots=True)

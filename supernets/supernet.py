@@ -72,7 +72,16 @@ class EntryProjection(nn.Module):
 class ImageHead(nn.Module):
     """x: [B, C, H, W] -> logits [B, num_classes]: 1x1 conv + BN + act per width, pool, [linear + act], dropout, linear."""
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], features: int | None, dropout: float, activation: str, num_classes: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: tuple[int, ...],
+        features: int | None,
+        dropout: float,
+        activation: str,
+        num_classes: int,
+        features_bias: bool = True,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_channels
@@ -80,7 +89,7 @@ class ImageHead(nn.Module):
             layers += [nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out), make_activation(activation)]
             width = out
         self.convs = nn.Sequential(*layers)
-        self.features = nn.Sequential(nn.Linear(width, features), make_activation(activation)) if features else nn.Identity()
+        self.features = nn.Sequential(nn.Linear(width, features, bias=features_bias), make_activation(activation)) if features else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(features or width, num_classes)
 
@@ -137,7 +146,7 @@ def build_stem(space: SearchSpace) -> ImageStem | SequenceStem:
 def build_head(space: SearchSpace, in_channels: int) -> ImageHead | SequenceHead:
     if space.modality == "image":
         head = space.head
-        return ImageHead(in_channels, head.channels, head.features, head.dropout, head.activation, space.num_classes)
+        return ImageHead(in_channels, head.channels, head.features, head.dropout, head.activation, space.num_classes, head.features_bias)
     return SequenceHead(in_channels, space.num_classes)
 
 
@@ -253,7 +262,7 @@ class Supernet(nn.Module):
                 self.head_norms.append(ElasticBatchNorm2d(out))
                 width = out
             self.head_activation = make_activation(head.activation)
-            self.head_features = ElasticLinear(width, head.features) if head.features else None
+            self.head_features = ElasticLinear(width, head.features, bias=head.features_bias) if head.features else None
             self.dropout = nn.Dropout(head.dropout)
             self.classifier = ElasticLinear(head.features or width, space.num_classes)
         else:

@@ -88,6 +88,7 @@ class StemModel(_Strict):
 class HeadModel(_Strict):
     channels: tuple[Annotated[StrictInt, Field(ge=1, le=16384)], ...] = ()
     features: Annotated[StrictInt, Field(ge=1, le=16384)] | None = None
+    features_bias: StrictBool = True
     dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
     activation: str = "relu"
 
@@ -775,7 +776,7 @@ def _build(model: SpaceModel, source: str, text: str) -> RunConfig:
         num_classes=task.num_classes,
         stem=StemSpec(model.stem.channels, model.stem.kernel_size, model.stem.stride, model.stem.activation),
         stages=tuple(stages),
-        head=HeadSpec(tuple(model.head.channels), model.head.features, float(model.head.dropout), model.head.activation),
+        head=HeadSpec(tuple(model.head.channels), model.head.features, float(model.head.dropout), model.head.activation, model.head.features_bias),
         resolutions=tuple(_as_list(model.resolution)) if not sequence else (),
         sequence_lengths=tuple(_as_list(model.sequence_length)) if sequence else (),
         causal=sequence,

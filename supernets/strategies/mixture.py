@@ -219,8 +219,10 @@ class MixtureConv2d(ElasticConv2d):
         self.router_features: torch.Tensor | None = None
         self.router_key: tuple[float, ...] | None = None
 
-    def active(self, in_channels: int, out_channels: int, kernel_size: int) -> ActiveWeights:
+    def active(self, in_channels: int, out_channels: int | torch.Tensor, kernel_size: int) -> ActiveWeights:
         """The mixture of the experts for the active arch, sliced: weight ``[out, in, k, k]``, bias ``[out]`` or None."""
+        if isinstance(out_channels, torch.Tensor):
+            raise ValueError("only a depthwise convolution selects its channels by index")
         if kernel_size not in self.kernel_sizes:
             raise ValueError(f"kernel_size must be one of {sorted(self.kernel_sizes)}, got {kernel_size}")
         weights = [centred_kernel(weight[:out_channels, :in_channels], kernel_size, self.band) for weight in (self.weight, *self.mixture.weights)]
@@ -230,18 +232,20 @@ class MixtureConv2d(ElasticConv2d):
         alpha = self.mixture.coefficients(self.router_features)
         return self.mixture.combine(weights, alpha, out_channels), self.mixture.combine(biases, alpha, out_channels) if biases else None
 
-    def active_weight(self, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+    def active_weight(self, in_channels: int, out_channels: int | torch.Tensor, kernel_size: int) -> torch.Tensor:
         """Weight of the active choice for the active arch: ``[out, in, k, k]``."""
         return self.active(in_channels, out_channels, kernel_size)[0]
 
-    def forward(self, x: torch.Tensor, in_channels: int, out_channels: int, kernel_size: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_channels: int, out_channels: int | torch.Tensor, kernel_size: int) -> torch.Tensor:
         """x: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride]."""
-        choice = (in_channels, out_channels, kernel_size, self.router_key)
+        choice = (in_channels, _selection_key(out_channels), kernel_size, self.router_key)
         weight, bias = self._cache.get(self, choice, lambda: self.active(in_channels, out_channels, kernel_size))
         return F.conv2d(x, weight, bias, self.stride, self.padding(kernel_size))
 
-    def export(self, in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
+    def export(self, in_channels: int, out_channels: int | torch.Tensor, kernel_size: int) -> nn.Conv2d:
         """A static ``nn.Conv2d`` holding a copy of the active arch's mixed weights."""
+        if isinstance(out_channels, torch.Tensor):
+            raise ValueError("only a depthwise convolution selects its channels by index")
         conv = nn.Conv2d(in_channels, out_channels, kernel_shape(kernel_size, self.band), self.stride, self.padding(kernel_size), bias=self.bias is not None)
         with torch.no_grad():
             weight, bias = self.active(in_channels, out_channels, kernel_size)

@@ -366,3 +366,15 @@ def test_a_predicted_search_without_a_usable_profile_is_a_clear_error(trained: P
         run_search(run_dir, SearchSettings.from_config(parse_config(SPACE, "tiny.yaml").search, latency="predicted"))
     with pytest.raises(RunError, match="search.profiles names target 'cpu_int8'"):
         SearchSettings.from_config(parse_config(SPACE, "tiny.yaml").search, latency="predicted", profiles=(("cpu_int8", str(profiled)),))
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "hardware_profiles"
+
+
+@pytest.mark.parametrize("folder", sorted(path for path in SHIPPED.glob("*/*") if path.is_dir()), ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_every_shipped_profile_belongs_to_its_builtin_space_as_it_is_now(folder: Path) -> None:
+    """A change to a built-in space (a resolution, a field) makes its shipped profiles refuse it: rebuild them with it."""
+    profile = load_profile(folder, load_config(folder.parent.name).space, fingerprint=None)
+    assert profile.complete and profile.best is not None
+    largest, smallest = profile.predictor().predict([profile.space.largest(), profile.space.smallest()])
+    assert largest > smallest
