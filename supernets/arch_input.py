@@ -172,10 +172,13 @@ def _block_problems(where: str, block: Any, decisions: PositionDecisions | None)
             problems.append(Problem(f"{where}.type", f"must be one of {allowed}, got {got}{hint}"))
         return problems
     rules = BLOCKS.get(type_name).rules
+    defaults = BLOCKS.get(type_name).defaults
     for key in block:
         if key != "type" and key not in rules:
             problems.append(Problem(f"{where}.{key}", f"unknown field of {type_name!r}; its fields: {list(rules)}{did_you_mean(key, rules)}"))
     for name, rule in rules.items():
+        if name not in block and name in defaults and (fields is None or fields[name].problem(defaults[name]) is None):
+            continue
         if name not in block:
             choices = f": one of {list(fields[name].choices)}" if fields is not None else f" ({rule.takes})"
             problems.append(Problem(f"{where}.{name}", f"is required{choices}"))

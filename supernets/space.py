@@ -7,7 +7,6 @@ configs of every stage plus the resolution (images) or sequence length (sequence
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .blocks import BlockChoices, type_of
+from .blocks import BlockChoices, type_of, without_defaults
 
 if TYPE_CHECKING:
     from .walk import SpaceWalk
@@ -148,7 +147,7 @@ class Arch:
             "stages": [
                 {
                     "width": stage.width,
-                    "blocks": [{"type": type_of(config).name, **dataclasses.asdict(config)} for config in stage.blocks],
+                    "blocks": [{"type": type_of(config).name, **without_defaults(config)} for config in stage.blocks],
                 }
                 for stage in self.stages
             ],

@@ -549,6 +549,8 @@ def _check_blocks(data: dict[str, Any]) -> list[Problem]:
                 if key != "type" and key not in rules:
                     problems.append(Problem(f"{where}.{key}", f"unknown field of {type_name!r}; its fields: {list(rules)}{did_you_mean(key, rules)}"))
             for name, rule in rules.items():
+                if name not in block and name in entry.defaults:
+                    continue
                 if name not in block:
                     problems.append(Problem(f"{where}.{name}", f"is required ({type(rule).__name__.removesuffix('Rule').lower()} choices)"))
                     continue

@@ -18,10 +18,12 @@ from .base import (
     choice,
     choice_index,
     choice_problem,
+    field_defaults,
     field_shrinks,
     register_block,
     type_of,
     value_kind,
+    without_defaults,
 )
 
 __all__ = [
@@ -39,8 +41,10 @@ __all__ = [
     "choice",
     "choice_index",
     "choice_problem",
+    "field_defaults",
     "field_shrinks",
     "register_block",
     "type_of",
     "value_kind",
+    "without_defaults",
 ]

@@ -197,18 +197,46 @@ def default_shrink(rule: Rule) -> str:
     return "width" if isinstance(rule, IntRule | FloatRule) else "switch"
 
 
-def choice(rule: Rule, description: str, *, shrinks: str | None = None) -> Any:
+def choice(rule: Rule, description: str, *, shrinks: str | None = None, default: Any = dataclasses.MISSING) -> Any:
     """Declare a config field searchable under ``rule``. ``shrinks`` is one of ``SHRINK_KINDS`` (when training
-    with progressive shrinking unlocks it); by default ``default_shrink(rule)``."""
+    with progressive shrinking unlocks it); by default ``default_shrink(rule)``.
+
+    ``default``: the value of a field that a space file or an arch may leave out. This is how a block gains a field
+    without breaking what was written before it: a space file without the field has the single choice ``default``,
+    an arch without it has the value ``default``, and an arch at the default is written without it (``Arch.to_dict``)
+    so its JSON, digest and short name stay what they were; a space whose only choice is the default keeps its repr,
+    and with it the digest that hardware profiles store. Fields with a default come after those without."""
     kind = default_shrink(rule) if shrinks is None else shrinks
     if kind not in SHRINK_KINDS:
         raise ValueError(f"choice(shrinks=...) must be one of {list(SHRINK_KINDS)}, got {kind!r}{did_you_mean(str(kind), SHRINK_KINDS)}")
-    return dataclasses.field(metadata={"rule": rule, "description": description, "shrinks": kind})
+    metadata = {"rule": rule, "description": description, "shrinks": kind}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata)
+    problem = rule.problem(default)
+    if problem is not None:
+        raise ValueError(f"choice(default=...) {problem}")
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def field_rules(config_class: type) -> dict[str, Rule]:
     """The rule of every field of a block config class, in declaration order."""
     return {field.name: field.metadata["rule"] for field in dataclasses.fields(config_class)}
+
+
+def field_defaults(config_class: type) -> dict[str, Any]:
+    """The default of every field of a block config class that has one (see ``choice(default=...)``)."""
+    return {field.name: field.default for field in dataclasses.fields(config_class) if field.default is not dataclasses.MISSING}
+
+
+def without_defaults(config: Any) -> dict[str, Any]:
+    """The fields of a block config as a dict, less those at their default (how archs are written)."""
+    defaults = field_defaults(type(config))
+    values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    return {name: value for name, value in values.items() if name not in defaults or not _same_value(value, defaults[name])}
+
+
+def _same_value(value: Any, default: Any) -> bool:
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 def field_shrinks(config_class: type) -> dict[str, str]:
@@ -246,6 +274,11 @@ class BlockType:
     def shrinks(self) -> dict[str, str]:
         """Each field's shrink kind (``kernel``, ``width`` or ``switch``)."""
         return field_shrinks(self.config_class)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The fields a space file or an arch may leave out, with their values then."""
+        return field_defaults(self.config_class)
 
 
 BLOCKS: Registry[BlockType] = Registry("block type", discover="nas.supernets.blocks")
@@ -294,8 +327,18 @@ class BlockChoices:
 
     @classmethod
     def build(cls, type_name: str, fields: Mapping[str, tuple[Any, ...]]) -> BlockChoices:
-        rules = block_type(type_name).rules
-        return cls(type_name, tuple((name, tuple(fields[name])) for name in rules))
+        """The choices of ``type_name`` from ``fields`` (field name -> its values); a field with a default may be
+        left out (its single choice is then the default)."""
+        entry = block_type(type_name)
+        defaults = entry.defaults
+        return cls(type_name, tuple((name, tuple(fields[name]) if name in fields or name not in defaults else (defaults[name],)) for name in entry.rules))
+
+    def __repr__(self) -> str:
+        """The dataclass repr, less the fields whose only choice is their default: a field added to a block later
+        leaves the repr (and the digest of every space, which hardware profiles store) as it was."""
+        defaults = block_type(self.type).defaults
+        kept = tuple((name, values) for name, values in self.fields if not (name in defaults and len(values) == 1 and _same_value(values[0], defaults[name])))
+        return f"BlockChoices(type={self.type!r}, fields={kept!r})"
 
     def __getitem__(self, name: str) -> tuple[Any, ...]:
         for field_name, values in self.fields:

@@ -37,6 +37,7 @@ from ..layers import hidden_channels, make_activation
 from .base import (
     BlockChoices,
     BlockContext,
+    BoolRule,
     ElasticBlock,
     FloatRule,
     IntRule,
@@ -293,45 +294,61 @@ class GatedAttentionConfig:
     """Multi-head softmax self-attention with a head-wise sigmoid output gate, then a feed-forward network."""
 
     num_heads: int = choice(IntRule(1, 64), "attention heads", shrinks="width")
-    head_dim: int = choice(IntRule(4, 256), "query, key and value width of each head", shrinks="width")
+    head_dim: int = choice(IntRule(4, 256), "value width of each head (and its query and key width at qk_ratio 1)", shrinks="width")
     ffn: str = ffn_field()
     mlp_ratio: float = mlp_ratio_field()
     activation: str = activation_field()
+    qk_ratio: float = choice(
+        FloatRule(0.125, 1),
+        "query and key width of each head as a share of head_dim (LowFormer's slimmed attention: scores cost less, values keep head_dim)",
+        shrinks="width",
+        default=1.0,
+    )
+    output_gate: bool = choice(BoolRule(), "the head-wise sigmoid output gate (off: plain multi-head attention)", shrinks="switch", default=True)
+
+
+def query_key_dim(config: GatedAttentionConfig) -> int:
+    """Query and key width of each head: ``round(head_dim * qk_ratio)``, at least 1."""
+    return hidden_channels(config.head_dim, config.qk_ratio)
 
 
 def gated_softmax_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    gate: torch.Tensor,
+    gate: torch.Tensor | None,
     num_heads: int,
     head_dim: int,
     causal: bool,
+    key_dim: int | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention whose output is scaled per head by ``sigmoid(gate)``.
+    """Scaled dot-product attention whose output is scaled per head by ``sigmoid(gate)`` (``gate=None``: no gate).
 
-    query, key, value: [B, L, num_heads * head_dim] (head-major); gate: [B, L, num_heads] (logits)
-    -> [B, L, num_heads * head_dim]. Plain matmul + softmax (scale ``head_dim ** -0.5``), so it exports to standard
-    ONNX ops.
+    query, key: [B, L, num_heads * key_dim]; value: [B, L, num_heads * head_dim] (head-major; ``key_dim`` defaults
+    to ``head_dim``); gate: [B, L, num_heads] (logits) -> [B, L, num_heads * head_dim]. Plain matmul + softmax (scale
+    ``key_dim ** -0.5``), so it exports to standard ONNX ops.
     """
+    key_dim = head_dim if key_dim is None else key_dim
 
-    def split(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)
+    def split(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        return tensor.unflatten(-1, (num_heads, dim)).transpose(1, 2)
 
-    scores = split(query) @ split(key).transpose(-2, -1) * head_dim**-0.5
+    scores = split(query, key_dim) @ split(key, key_dim).transpose(-2, -1) * key_dim**-0.5
     if causal:
         positions = torch.arange(query.shape[1], device=query.device)
         scores = scores.masked_fill(positions.unsqueeze(0) > positions.unsqueeze(1), float("-inf"))
-    heads = scores.softmax(dim=-1) @ split(value)
-    heads = heads * torch.sigmoid(gate).transpose(1, 2).unsqueeze(-1)
+    heads = scores.softmax(dim=-1) @ split(value, head_dim)
+    if gate is not None:
+        heads = heads * torch.sigmoid(gate).transpose(1, 2).unsqueeze(-1)
     return heads.transpose(1, 2).flatten(2)
 
 
 class GatedSelfAttention(nn.Module):
     """Static gated self-attention (Qiu et al. 2025, variant G1, head-wise). x: [B, L, C] -> [B, L, C].
 
-    ``query``, ``key``, ``value``: C -> heads * head_dim; ``gate``: C -> heads (one sigmoid gate per head, applied
-    to that head's attention output); ``output``: heads * head_dim -> C. All with bias.
+    ``query``, ``key``: C -> heads * key_dim (``key_dim = round(head_dim * qk_ratio)``); ``value``: C -> heads *
+    head_dim; ``gate`` (when ``output_gate``): C -> heads (one sigmoid gate per head, applied to that head's attention
+    output); ``output``: heads * head_dim -> C. All with bias.
     """
 
     def __init__(self, config: GatedAttentionConfig, context: BlockContext) -> None:
@@ -339,20 +356,23 @@ class GatedSelfAttention(nn.Module):
         channels, width = context.in_channels, config.num_heads * config.head_dim
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
+        self.key_dim = query_key_dim(config)
         self.causal = context.causal
-        self.query = nn.Linear(channels, width)
-        self.key = nn.Linear(channels, width)
+        self.query = nn.Linear(channels, config.num_heads * self.key_dim)
+        self.key = nn.Linear(channels, config.num_heads * self.key_dim)
         self.value = nn.Linear(channels, width)
-        self.gate = nn.Linear(channels, config.num_heads)
+        self.gate = nn.Linear(channels, config.num_heads) if config.output_gate else None
         self.output = nn.Linear(width, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = gated_softmax_attention(self.query(x), self.key(x), self.value(x), self.gate(x), self.num_heads, self.head_dim, self.causal)
+        gate = None if self.gate is None else self.gate(x)
+        heads = gated_softmax_attention(self.query(x), self.key(x), self.value(x), gate, self.num_heads, self.head_dim, self.causal, self.key_dim)
         return self.output(heads)
 
 
 class ElasticGatedSelfAttention(ElasticTokenMixer):
-    """Gated self-attention with elastic width, heads (leading heads) and head_dim (leading dims of each head)."""
+    """Gated self-attention with elastic width, heads (leading heads), head_dim (leading dims of each head), the
+    query/key width (leading dims of each head's query and key rows) and the gate (present when on is a choice)."""
 
     def __init__(self, context: BlockContext, choices: BlockChoices) -> None:
         super().__init__(context, choices)
@@ -364,23 +384,32 @@ class ElasticGatedSelfAttention(ElasticTokenMixer):
         self.query = ElasticLinear(channels, width)
         self.key = ElasticLinear(channels, width)
         self.value = ElasticLinear(channels, width)
-        self.gate = ElasticLinear(channels, self.max_heads)
+        self.gate = ElasticLinear(channels, self.max_heads) if True in choices["output_gate"] else None
         self.output = ElasticLinear(width, channels)
 
-    def _rows(self, config: GatedAttentionConfig, device: torch.device) -> torch.Tensor:
-        return head_rows(config.num_heads, config.head_dim, self.max_head_dim, device)
+    def _rows(self, config: GatedAttentionConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the active query/key and value features inside the largest head-major layout."""
+        return (
+            head_rows(config.num_heads, query_key_dim(config), self.max_head_dim, device),
+            head_rows(config.num_heads, config.head_dim, self.max_head_dim, device),
+        )
 
     def forward(self, x: torch.Tensor, config: GatedAttentionConfig, channels: int) -> torch.Tensor:
         """x: [B, L, channels] -> [B, L, channels]."""
-        rows = self._rows(config, x.device)
+        key_rows, rows = self._rows(config, x.device)
+        gate = None
+        if config.output_gate:
+            assert self.gate is not None, "set_active admits output_gate only when it is among the choices"
+            gate = self.gate(x, channels, config.num_heads)
         heads = gated_softmax_attention(
-            self.query(x, channels, rows),
-            self.key(x, channels, rows),
+            self.query(x, channels, key_rows),
+            self.key(x, channels, key_rows),
             self.value(x, channels, rows),
-            self.gate(x, channels, config.num_heads),
+            gate,
             config.num_heads,
             config.head_dim,
             self.causal,
+            query_key_dim(config),
         )
         return self.output(heads, rows, channels)
 
@@ -397,18 +426,22 @@ class ElasticGatedSelfAttention(ElasticTokenMixer):
         self.query.permute_(out_order=key_rows)
         self.key.permute_(out_order=key_rows)
         self.value.permute_(out_order=value_rows)
-        self.gate.permute_(out_order=head_order)
+        if self.gate is not None:
+            self.gate.permute_(out_order=head_order)
         self.output.permute_(in_order=value_rows)
 
     def export_layers(self, config: GatedAttentionConfig, channels: int) -> dict[str, nn.Module]:
-        rows = self._rows(config, self.query.weight.device)
-        return {
-            "query": self.query.export(channels, rows),
-            "key": self.key.export(channels, rows),
+        key_rows, rows = self._rows(config, self.query.weight.device)
+        layers: dict[str, nn.Module] = {
+            "query": self.query.export(channels, key_rows),
+            "key": self.key.export(channels, key_rows),
             "value": self.value.export(channels, rows),
-            "gate": self.gate.export(channels, config.num_heads),
             "output": self.output.export(rows, channels),
         }
+        if config.output_gate:
+            assert self.gate is not None, "set_active admits output_gate only when it is among the choices"
+            layers["gate"] = self.gate.export(channels, config.num_heads)
+        return layers
 
 
 class GatedAttention(MetaFormerBlock):
@@ -419,7 +452,8 @@ class GatedAttention(MetaFormerBlock):
 
 @register_block("gated_attention", config=GatedAttentionConfig, static=GatedAttention, modalities=("image", "sequence"), reshapes=False)
 class ElasticGatedAttention(ElasticMetaFormerBlock):
-    """Elastic gated attention block: heads, head_dim, ffn kind, mlp_ratio and activation are elastic."""
+    """Elastic gated attention block: heads, head_dim, qk_ratio, output_gate, ffn kind, mlp_ratio and activation are
+    elastic."""
 
     token_mixer_class = ElasticGatedSelfAttention
 
@@ -445,4 +479,5 @@ __all__ = [
     "gated_softmax_attention",
     "mlp_ratio_field",
     "prefixed",
+    "query_key_dim",
 ]

@@ -24,7 +24,7 @@ def two_choices(rule) -> tuple:
         start = max(start, 3) if rule.odd else start
         return (start, start + step)
     if isinstance(rule, FloatRule):
-        return (float(rule.minimum), float(rule.minimum) + 1.0)
+        return (float(rule.minimum), min(float(rule.minimum) + 1.0, float(rule.maximum)))
     if isinstance(rule, OptionRule):
         return rule.values
     assert isinstance(rule, BoolRule)

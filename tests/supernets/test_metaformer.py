@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,8 +86,59 @@ def test_registration_and_field_order() -> None:
     assert entry.static_class is GatedAttention
     assert entry.modalities == frozenset({"image", "sequence"})
     assert entry.reshapes is False
-    assert tuple(field_rules(GatedAttentionConfig)) == ("num_heads", "head_dim", *FFN_FIELD_NAMES)
-    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(GatedAttentionConfig))
+    assert tuple(field_rules(GatedAttentionConfig)) == ("num_heads", "head_dim", *FFN_FIELD_NAMES, "qk_ratio", "output_gate")
+    assert entry.defaults == {"qk_ratio": 1.0, "output_gate": True}
+
+
+def test_slimmed_queries_and_keys_and_the_gate_switch() -> None:
+    """LowFormer-style slimming: queries and keys of round(head_dim * qk_ratio) dims per head, values of head_dim;
+    without the gate the block is plain multi-head attention."""
+    fields = {**FIELDS, "qk_ratio": (0.5, 1.0), "output_gate": (False, True)}
+    block = randomize_norms(ElasticGatedAttention(BlockContext("sequence", MAX_WIDTH, MAX_WIDTH, causal=True), BlockChoices.build("gated_attention", fields)))
+    block.eval()
+    x = torch.randn(2, 7, MAX_WIDTH)
+    config = dataclasses.replace(block.choices.largest(), num_heads=2, head_dim=16, qk_ratio=0.5, output_gate=False)
+    block.set_active(config, MAX_WIDTH, MAX_WIDTH)
+    static = block.extract().eval()
+    mixer = static.token_mixer
+    assert (mixer.query.out_features, mixer.key.out_features, mixer.value.out_features) == (16, 16, 32) and mixer.gate is None
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), block(x), atol=1e-5, rtol=0)
+        tokens = static.norm1(x)
+        q, k, v = (layer(tokens).unflatten(-1, (2, -1)).transpose(1, 2) for layer in (mixer.query, mixer.key, mixer.value))
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        torch.testing.assert_close(mixer(tokens), mixer.output(expected), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        block.set_active(block.choices.largest(), MAX_WIDTH, MAX_WIDTH)
+        before = block(x)
+        block.reorder_channels()
+        torch.testing.assert_close(block(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_fields_with_defaults_keep_old_space_files_archs_and_digests() -> None:
+    """A space file and an arch written before qk_ratio and output_gate existed read as before: the fields take their
+    defaults, the arch JSON leaves them out, and the space's repr (the digest hardware profiles store) is unchanged."""
+    from nas.space.schema import load_config, parse_config
+    from nas.supernets.space import Arch, ArchError
+
+    space = load_config("mqar_quick").space
+    choices = space.stages[0].blocks[0]
+    assert choices["qk_ratio"] == (1.0,) and choices["output_gate"] == (True,)
+    assert "qk_ratio" not in repr(space) and "output_gate" not in repr(space)
+    arch = space.largest()
+    assert "qk_ratio" not in arch.to_json() and Arch.from_json(arch.to_json(), space) == arch
+    text = (
+        (Path(__file__).resolve().parents[2] / "search_spaces" / "mqar_quick.yaml")
+        .read_text()
+        .replace("head_dim: [16, 32]", "head_dim: [16, 32]\n        qk_ratio: [0.5]")
+    )
+    slim_space = parse_config(text).space
+    data = json.loads(slim_space.largest().to_json())
+    del data["stages"][0]["blocks"][0]["qk_ratio"]
+    with pytest.raises(ArchError, match=r"qk_ratio: is required: one of \[0.5\]"):
+        Arch.from_dict(data, slim_space)
+    slim = dataclasses.replace(arch.stages[0].blocks[0], qk_ratio=0.5, output_gate=False)
+    assert '"qk_ratio": 0.5' in dataclasses.replace(arch, stages=(dataclasses.replace(arch.stages[0], blocks=(slim,)),)).to_json()
 
 
 @pytest.mark.parametrize("seed", range(3))
