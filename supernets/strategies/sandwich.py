@@ -7,7 +7,13 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field, StrictBool, StrictInt
 
+from ..space import SearchSpace
 from .base import INPLACE, STRATEGIES, Phase, StrategyOptions, SubnetTask, TrainingStrategy, largest_only
+
+
+def block_types(space: SearchSpace) -> list[str]:
+    """The block types the space's stages allow, each once, in the order they are first listed."""
+    return list(dict.fromkeys(choices.type for stage in space.stages for choices in stage.blocks))
 
 
 class SandwichOptions(StrategyOptions):
@@ -26,7 +32,12 @@ class SandwichRule(TrainingStrategy[SandwichOptions]):
     step, one optimizer update for all; with ``distill`` the others learn from the largest's predictions. Phase
     ``largest_only`` (the first ``largest_only_epochs``) trains only the largest, so the teacher has something to
     teach (tasks such as associative recall learn through a sudden transition that the shared updates of many
-    subnets delay); phase ``sandwich`` follows."""
+    subnets delay); phase ``sandwich`` follows.
+
+    In a space whose stages allow several block types, "the smallest" is one per type: step ``s`` trains the smallest
+    subnet built from the ``s mod T``-th type of the space (``SearchSpace.smallest(block_type)``, the stage's first type
+    where a stage does not allow it), so every family's lower bound is trained, not only the first-listed one's. The
+    largest (the teacher) stays the first-listed type's."""
 
     name = "sandwich"
     options_type = SandwichOptions
@@ -41,7 +52,8 @@ class SandwichRule(TrainingStrategy[SandwichOptions]):
         tasks = [SubnetTask(space.largest(), provides_teacher=True)]
         if phase.name == "largest_only":
             return tasks
-        others = [space.smallest(), *(space.sample(rng) for _ in range(self.options.random_subnets))]
+        families = block_types(space)
+        others = [space.smallest(families[step % len(families)]), *(space.sample(rng) for _ in range(self.options.random_subnets))]
         if self.options.distill:
             return tasks + [SubnetTask(arch, label_weight=0.0, teacher=INPLACE, teacher_weight=1.0) for arch in others]
         return tasks + [SubnetTask(arch) for arch in others]

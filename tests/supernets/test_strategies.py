@@ -141,6 +141,18 @@ def test_sandwich_tasks_largest_teaches_smallest_and_random_ones() -> None:
     assert all(task.teacher is INPLACE and task.label_weight == 0 and task.teacher_weight == 1 for task in tasks[1:])
     labels = SandwichRule(space, SandwichOptions(distill=False), schedule()).tasks(Phase("sandwich", space), np.random.default_rng(0), 0, 0)
     assert all(task.teacher is None and task.label_weight == 1 for task in labels)
+
+
+def test_sandwich_trains_the_smallest_of_every_block_family_in_turn() -> None:
+    space = mixed_space()
+    families = list(dict.fromkeys(choices.type for stage in space.stages for choices in stage.blocks))
+    assert len(families) >= 2
+    rule = SandwichRule(space, SandwichOptions(random_subnets=0), schedule())
+    steps = [rule.tasks(rule.phase(0), np.random.default_rng(0), 0, step) for step in range(2 * len(families))]
+    assert all(tasks[0].arch == space.largest() for tasks in steps)
+    assert [tasks[1].arch for tasks in steps] == [space.smallest(family) for family in families] * 2
+    labels = SandwichRule(space, SandwichOptions(distill=False), schedule()).tasks(Phase("sandwich", space), np.random.default_rng(0), 0, 0)
+    assert all(task.teacher is None and task.label_weight == 1 for task in labels)
     with pytest.raises(StrategyError, match="takes SandwichOptions options"):
         SandwichRule(space, {"random_subnets": 1}, schedule())  # type: ignore[arg-type]
 
