@@ -338,3 +338,13 @@ def test_command_line_mistakes_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
         main(["space", "infoo", "digits_quick"])
     assert caught.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    """`nas space info X | head -3`: the closed pipe ends the command without a traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "nas.cli", "space", "info", "digits_quick"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
