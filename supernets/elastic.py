@@ -72,6 +72,19 @@ def head_major_order(head_order: torch.Tensor, dim_orders: torch.Tensor | None, 
     return (head_order.unsqueeze(1) * max_dim + dim_orders[head_order]).reshape(-1)
 
 
+def attention_orders(query: torch.Tensor, key: torch.Tensor, output: torch.Tensor, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Importance orders of a head-major attention layout (``query``, ``key``: ``[heads * dim, C]``, ``output``:
+    ``[C, heads * dim]`` weights): ``(head_order, query_key_rows, value_rows)``. Heads go by the L1 norm of the
+    output projection's columns on them; inside each head the query and key dims move together (which keeps every
+    score) by the L1 norm of their rows, and the value dims by the output projection's columns."""
+    output = output.detach().abs()
+    head_order = importance_order(output.reshape(-1, heads, dim).sum(dim=2), 1)
+    query_key = (query.detach().abs().sum(1) + key.detach().abs().sum(1)).reshape(heads, dim)
+    query_key_rows = head_major_order(head_order, torch.argsort(-query_key, dim=1, stable=True), dim)
+    value_rows = head_major_order(head_order, torch.argsort(-output.sum(0).reshape(heads, dim), dim=1, stable=True), dim)
+    return head_order, query_key_rows, value_rows
+
+
 def _permute_(tensor: torch.Tensor | None, order: torch.Tensor | None, dim: int) -> None:
     """Permute ``tensor`` in place along ``dim`` (slice ``i`` becomes the old slice ``order[i]``)."""
     if tensor is not None and order is not None:
@@ -368,6 +381,7 @@ def count_parameters(module: nn.Module) -> int:
 __all__ = [
     "BANDS",
     "ActiveWeights",
+    "attention_orders",
     "ElasticBatchNorm2d",
     "ElasticConv2d",
     "ElasticLayerNorm",

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLayerNorm, ElasticLinear, head_major_order, head_rows, importance_order
+from ..elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticLayerNorm, ElasticLinear, attention_orders, head_rows
 from .base import BlockChoices, BlockContext, ElasticBlock, IntRule, OptionRule, choice, register_block
 from .metaformer import ElasticFeedForward, FeedForward, activation_field, check_width_preserving, ffn_field, mlp_ratio_field
 
@@ -232,12 +232,7 @@ class ElasticSLABlock(ElasticBlock):
         """Sort the heads by the L1 norm of the output projection's columns on them; inside each head, the query/key
         dims together (every score is kept) by their rows' L1 norm, the value dims (with their convolution) by the
         output projection's columns. Then the FFN's hidden units."""
-        heads, dim = self.max_heads, self.max_head_dim
-        output = self.output.weight.detach().abs()
-        head_order = importance_order(output.reshape(-1, heads, dim).sum(dim=2), 1)
-        query_key = (self.query.weight.detach().abs().sum(1) + self.key.weight.detach().abs().sum(1)).reshape(heads, dim)
-        key_rows = head_major_order(head_order, torch.argsort(-query_key, dim=1, stable=True), dim)
-        value_rows = head_major_order(head_order, torch.argsort(-output.sum(0).reshape(heads, dim), dim=1, stable=True), dim)
+        _, key_rows, value_rows = attention_orders(self.query.weight, self.key.weight, self.output.weight, self.max_heads, self.max_head_dim)
         self.query.permute_(out_order=key_rows)
         self.key.permute_(out_order=key_rows)
         self.value.permute_(out_order=value_rows)

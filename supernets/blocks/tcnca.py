@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..elastic import ElasticLinear, head_major_order, head_rows, importance_order
+from ..elastic import ElasticLinear, attention_orders, head_rows
 from .base import BlockChoices, BlockContext, IntRule, choice, register_block
 from .delta import CausalDepthwiseConv, ElasticCausalDepthwiseConv
 from .metaformer import (
@@ -139,12 +139,7 @@ class ElasticTCNCALayer(ElasticTokenMixer):
         """Sort the heads by the L1 norm of the output projection's columns on them; inside each head, sort the
         query/key dims (together, which keeps every score) by the L1 norm of their query and key rows, and the value
         dims by the output projection's columns. The TCN acts on the block's channels, which the supernet owns."""
-        heads, dim = self.max_heads, self.max_head_dim
-        output = self.output.weight.detach().abs()
-        head_order = importance_order(output.reshape(-1, heads, dim).sum(dim=2), 1)
-        query_key = (self.query.weight.detach().abs().sum(1) + self.key.weight.detach().abs().sum(1)).reshape(heads, dim)
-        key_rows = head_major_order(head_order, torch.argsort(-query_key, dim=1, stable=True), dim)
-        value_rows = head_major_order(head_order, torch.argsort(-output.sum(0).reshape(heads, dim), dim=1, stable=True), dim)
+        _, key_rows, value_rows = attention_orders(self.query.weight, self.key.weight, self.output.weight, self.max_heads, self.max_head_dim)
         self.query.permute_(out_order=key_rows)
         self.key.permute_(out_order=key_rows)
         self.value.permute_(out_order=value_rows)
