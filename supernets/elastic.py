@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import LayerScale
+
 BANDS = ("square", "horizontal", "vertical")
 """Kernel shapes of ``ElasticConv2d``: ``k x k``, a ``1 x k`` row band, a ``k x 1`` column band (InceptionNeXt)."""
 
@@ -373,6 +375,23 @@ class ElasticLayerNorm(nn.Module):
         return norm
 
 
+class ElasticLayerScale(nn.Module):
+    """``LayerScale`` over the leading ``channels`` of its largest choice. x: [B, channels, H, W] -> same shape."""
+
+    def __init__(self, max_channels: int, init: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((max_channels,), float(init)))
+
+    def forward(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        return x * self.weight[:channels].view(1, -1, 1, 1)
+
+    def export(self, channels: int) -> LayerScale:
+        scale = LayerScale(channels)
+        with torch.no_grad():
+            scale.weight.copy_(self.weight[:channels])
+        return scale
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters of a static module."""
     return sum(parameter.numel() for parameter in module.parameters())
@@ -385,6 +404,7 @@ __all__ = [
     "ElasticBatchNorm2d",
     "ElasticConv2d",
     "ElasticLayerNorm",
+    "ElasticLayerScale",
     "ElasticLinear",
     "centred_kernel",
     "count_parameters",

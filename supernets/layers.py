@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -33,3 +34,15 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 def hidden_channels(in_channels: int, ratio: float) -> int:
     """Width of an expanded layer: ``round(in_channels * ratio)``, as torchvision and Once-for-All compute it."""
     return max(1, int(round(in_channels * ratio)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale of a residual branch (CaiT's LayerScale, used by every MetaFormer image block:
+    PoolFormer, ConvNeXt, InceptionNeXt, HorNet, EfficientMod). x: [B, C, H, W] -> same shape."""
+
+    def __init__(self, channels: int, init: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1)

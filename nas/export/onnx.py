@@ -227,6 +227,10 @@ def export_onnx(
                 warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
                 # Slices with a step (the causal short convolution, chunked GLA) are not folded; nothing is lost.
                 warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+                # Only the batch axis is dynamic: a sequence length or a chunk count read as a Python number while
+                # tracing (the chunkwise kernels) is meant to be a constant of the graph. A batch size baked in by
+                # mistake would not hide: the check below runs a batch of another size.
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 torch.onnx.export(
                     model,
                     (example,),

@@ -55,9 +55,9 @@ def test_block_adds_the_mixer_and_the_ffn_as_residuals() -> None:
     static = block.extract().eval()
     x = torch.randn(1, 8, 7, 5)
     with torch.no_grad():
-        mixed = x + static.token_mixer(static.norm1(x))
+        mixed = x + static.scale1.weight.view(1, -1, 1, 1) * static.token_mixer(static.norm1(x))
         tokens = static.norm2(mixed).flatten(2).transpose(1, 2)
-        expected = mixed + static.ffn(tokens).transpose(1, 2).reshape(x.shape)
+        expected = mixed + static.scale2.weight.view(1, -1, 1, 1) * static.ffn(tokens).transpose(1, 2).reshape(x.shape)
         torch.testing.assert_close(static(x), expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=0)
 
