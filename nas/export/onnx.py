@@ -161,14 +161,31 @@ def _check_model(path: Path, what: str) -> None:
         raise ExportError(f"{what} failed onnx.checker: {error}") from error
 
 
-def float32_rounding_error(model: nn.Module, inputs: torch.Tensor) -> float:
-    """Max ``|model(inputs) - model.double()(inputs)|``: how far float32 PyTorch itself is from float64."""
+def float64_distances(model: nn.Module, inputs: torch.Tensor, actual: np.ndarray) -> tuple[float, float]:
+    """``(max |actual - exact|, max |model(inputs) - exact|)`` where ``exact`` is the model run in float64: how far
+    ONNX Runtime's output ``actual`` and float32 PyTorch's are from the value both approximate."""
     import copy
 
     reference = copy.deepcopy(model).double().eval()
     floating = inputs.double() if inputs.is_floating_point() else inputs
     with torch.no_grad():
-        return float((model(inputs).double() - reference(floating)).abs().max())
+        exact = reference(floating).numpy()
+        mine = model(inputs).double().numpy()
+    return float(np.abs(actual.astype(np.float64) - exact).max(initial=0.0)), float(np.abs(mine - exact).max(initial=0.0))
+
+
+def matches_within_rounding(model: nn.Module, inputs: torch.Tensor, actual: np.ndarray, tolerance: float) -> tuple[bool, float, float]:
+    """Whether ONNX Runtime's output ``actual`` agrees with ``model`` on ``inputs``: within ``tolerance`` of float32
+    PyTorch, or, where PyTorch's own float32 rounding is larger, no further from the float64 value than twice
+    PyTorch's distance to it (the two runtimes sum in different orders; a deep recurrence such as the delta rule's
+    unrolled forward substitution can put them about two rounding errors apart in opposite directions). Returns
+    ``(ok, max |ORT - float64|, max |PyTorch float32 - float64|)``."""
+    with torch.no_grad():
+        expected = model(inputs).numpy()
+    if _max_abs_error(actual, expected) <= tolerance:
+        return True, float("nan"), float("nan")
+    distance, noise = float64_distances(model, inputs, actual)
+    return distance <= max(tolerance, 2 * noise), distance, noise
 
 
 def export_onnx(
@@ -195,8 +212,8 @@ def export_onnx(
             ``example``. Run with a batch size different from ``example``'s (the first row is appended when the
             sizes agree) so that a batch size baked into the graph is caught.
         tolerance: largest allowed max ``|ORT - PyTorch|`` over the logits. When the model's own float32 rounding
-            is larger (``float32_rounding_error``: PyTorch float32 vs float64 on the same inputs; gated linear
-            attention's recurrences at initialisation can reach 2e-4), twice that is allowed instead and the
+            is larger (gated linear attention's recurrences at initialisation can reach 2e-4), ONNX Runtime may be
+            up to twice as far from the float64 value as float32 PyTorch is (``matches_within_rounding``), and the
             log says so. A tolerance <= 0 disables this allowance.
         opset: ONNX opset. The TorchScript exporter (``dynamo=False``) is deliberate: static subnets run the
             plain-PyTorch reference kernels, trace to small standard-op graphs, and get a dynamic batch axis from
@@ -260,10 +277,17 @@ def export_onnx(
             actual = _run(session, check_inputs.numpy(), len(check_inputs))
             del session
             error = _max_abs_error(actual, expected)
+            within, beyond = error <= tolerance, ""
             if 0 < tolerance < error:
-                noise = float32_rounding_error(model, check_inputs)
-                logger.info("max |ORT - PyTorch| %.3g exceeds %.3g; the model's own float32 rounding is %.3g", error, tolerance, noise)
-                tolerance = max(tolerance, 2 * noise)
+                within, distance, noise = matches_within_rounding(model, check_inputs, actual, tolerance)
+                logger.info(
+                    "max |ORT - PyTorch| %.3g exceeds %.3g; ORT is %.3g from the float64 value, float32 PyTorch %.3g",
+                    error,
+                    tolerance,
+                    distance,
+                    noise,
+                )
+                beyond = f", and {distance:.3g} from the float64 value, above twice float32 PyTorch's {noise:.3g}"
             logger.info(
                 "exported %s to %s: max |ORT - PyTorch| = %.3g on a batch of %d (tolerance %.3g)",
                 arch.short_name(),
@@ -272,10 +296,10 @@ def export_onnx(
                 len(check_inputs),
                 tolerance,
             )
-            if not error <= tolerance:
+            if not within:
                 raise ExportError(
                     f"ONNX Runtime output differs from PyTorch by max abs error {error:.3g} on a batch of "
-                    f"{len(check_inputs)}, above the tolerance {tolerance:.3g} ({path} not written)"
+                    f"{len(check_inputs)}, above the tolerance {tolerance:.3g}{beyond} ({path} not written)"
                 )
             os.replace(temporary, path)
     finally:
@@ -594,7 +618,8 @@ __all__ = [
     "cpu_has_vnni",
     "export_onnx",
     "export_subnet",
-    "float32_rounding_error",
+    "float64_distances",
+    "matches_within_rounding",
     "onnx_accuracy",
     "quantizable_nodes",
     "quantize_int8",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from nas.export.onnx import export_onnx, float32_rounding_error
+from nas.export.onnx import export_onnx
 from nas.space.schema import parse_config
 from nas.supernets.elastic import count_parameters
 from nas.supernets.strategies import STRATEGIES
@@ -92,7 +92,7 @@ def test_method_trains_and_its_subnets_equal_their_exports(method: str, template
         supernet_storage = {parameter.untyped_storage().data_ptr() for parameter in supernet.parameters()}
         assert not any(parameter.untyped_storage().data_ptr() in supernet_storage for parameter in static.parameters())
         exported = export_onnx(static, x, tmp_path / f"{index}.onnx", arch=arch, space_name=space.name, tolerance=1e-4)
-        assert exported.max_abs_error <= max(1e-4, 2 * float32_rounding_error(static, x)), arch.short_name()
+        assert exported.path.is_file(), arch.short_name()  # written only once ORT agreed (matches_within_rounding)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.Popen:
