@@ -31,12 +31,14 @@ def rows(folder: Path) -> list[str]:
     report = json.loads((folder / "quality.json").read_text())
     header = json.loads((folder / "profile.json").read_text())
     noise = report["noise_floor"] or {}
+    # A profile kept under another folder name (a space as it was, e.g. ofa_mbv3_r224) is labelled with both.
+    space = report["space"] if folder.parent.name == report["space"] else f"{report['space']} ({folder.parent.name})"
     cost = report["cost"]
     arch_measurements = report["measured"] - report.get("pieces", 0)
     lines = []
     for name, row in report["predictors"].items():
         if "error" in row:
-            lines.append(f"| {report['space']} | {report['target']} | {name} | not fitted: {row['error']} | | | | | |")
+            lines.append(f"| {space} | {report['target']} | {name} | not fitted: {row['error']} | | | | | |")
             continue
         met = (
             row["within_10"] >= GOAL_WITHIN_10
@@ -47,17 +49,17 @@ def rows(folder: Path) -> list[str]:
         )
         best = " (best)" if header.get("best") == name else ""
         lines.append(
-            f"| {report['space']} | {report['target']} | {name}{best} | {row['count']} | {percent(row['within_5'])} | {percent(row['within_10'])} | "
+            f"| {space} | {report['target']} | {name}{best} | {row['count']} | {percent(row['within_5'])} | {percent(row['within_10'])} | "
             f"{percent(row['mape'])} | {row['kendall_tau']:.3f} | {'met' if met else 'not met'} |"
         )
     if noise:
         lines.append(
-            f"| {report['space']} | {report['target']} | noise floor (2nd vs 1st measurement) | {noise['count']} | {percent(noise['within_5'])} | "
+            f"| {space} | {report['target']} | noise floor (2nd vs 1st measurement) | {noise['count']} | {percent(noise['within_5'])} | "
             f"{percent(noise['within_10'])} | {percent(noise['mape'])} | {noise['kendall_tau']:.3f} | |"
         )
     span = report["latency_range_ms"]
     lines.append(
-        f"| {report['space']} | {report['target']} | cost: {arch_measurements} arch + {report.get('pieces', 0)} piece measurements, "
+        f"| {space} | {report['target']} | cost: {arch_measurements} arch + {report.get('pieces', 0)} piece measurements, "
         f"{cost['minutes']:.1f} min; latencies {span[0]:.3g}-{span[1]:.3g} ms | | | | | | |"
     )
     return lines
