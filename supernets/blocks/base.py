@@ -402,7 +402,10 @@ class ElasticBlock(nn.Module, ABC):
         self.out_channels = context.out_channels
 
     def set_active(self, config: Any, in_channels: int, out_channels: int) -> None:
-        """Activate ``config`` with the given widths; raises ``ValueError`` on a value outside the choices."""
+        """Activate ``config`` with the given widths; raises ``ValueError`` on a value outside the choices, or on
+        unequal widths for a block registered with ``reshapes=False`` (it keeps its width)."""
+        if not BLOCKS.get(self.block_type).reshapes and in_channels != out_channels:
+            raise ValueError(f"{self.block_type} keeps its width: in_channels must equal out_channels, got {in_channels} and {out_channels}")
         self.choices.check(config)
         for name, value, largest in (
             ("in_channels", in_channels, self.context.in_channels),

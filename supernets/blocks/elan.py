@@ -174,12 +174,6 @@ class ElasticELAN(ElasticBlock):
                         fan_in *= max_convs + 1
                     module.weight.normal_(0.0, fan_in**-0.5)
 
-    def set_active(self, config: ELANConfig, in_channels: int, out_channels: int) -> None:
-        """Activate ``config``; raises ``ValueError`` on a value outside the choices or when widths differ."""
-        if in_channels != out_channels:
-            raise ValueError(f"elan keeps its width: in_channels must equal out_channels, got {in_channels} and {out_channels}")
-        super().set_active(config, in_channels, out_channels)
-
     def _conv(self, index: int, x: torch.Tensor, width: int) -> torch.Tensor:
         """The ``index``-th 3x3 layer of the chain in its training form. x: [B, width, H, W] -> same shape."""
         out = cast(ElasticBatchNorm2d, self.norm3[index])(cast(ElasticConv2d, self.conv3[index])(x, width, width, 3), width)

@@ -103,12 +103,6 @@ class ElasticImageMetaFormerBlock(ElasticBlock):
         self.ffn = ElasticFeedForward(channels, choices)
         self.scale2 = ElasticLayerScale(channels, LAYER_SCALE_INIT)
 
-    def set_active(self, config: Any, in_channels: int, out_channels: int) -> None:
-        """Activate ``config``; raises ``ValueError`` on a value outside the choices or when widths differ."""
-        if in_channels != out_channels:
-            raise ValueError(f"{self.block_type} keeps its width: in_channels must equal out_channels, got {in_channels} and {out_channels}")
-        super().set_active(config, in_channels, out_channels)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, in_channels, H, W] -> same shape."""
         channels = self.in_channels

@@ -254,12 +254,6 @@ class ElasticMetaFormerBlock(ElasticBlock):
         self.norm2 = ElasticLayerNorm(context.in_channels)
         self.ffn = ElasticFeedForward(context.in_channels, choices)
 
-    def set_active(self, config: Any, in_channels: int, out_channels: int) -> None:
-        """Activate ``config``; raises ``ValueError`` on a value outside the choices or when widths differ."""
-        if in_channels != out_channels:
-            raise ValueError(f"{self.block_type} keeps its width: in_channels must equal out_channels, got {in_channels} and {out_channels}")
-        super().set_active(config, in_channels, out_channels)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """image: x: [B, in_channels, H, W] -> same shape; sequence: x: [B, L, in_channels] -> same shape."""
         return apply_to_tokens(x, self.context.modality, self._mix)

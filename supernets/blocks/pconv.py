@@ -110,12 +110,6 @@ class ElasticPartialConvBlock(ElasticBlock):
         self.activations = nn.ModuleDict({name: make_activation(name) for name in choices["activation"]})
         self.mlp_out = ElasticConv2d(max_hidden, channels)
 
-    def set_active(self, config: PConvConfig, in_channels: int, out_channels: int) -> None:
-        """Activate ``config``; raises ``ValueError`` on a value outside the choices or when widths differ."""
-        if in_channels != out_channels:
-            raise ValueError(f"pconv keeps its width: in_channels must equal out_channels, got {in_channels} and {out_channels}")
-        super().set_active(config, in_channels, out_channels)
-
     @property
     def partial_channels(self) -> int:
         """Channels of the active partial convolution."""

@@ -28,7 +28,7 @@ norm (a switch), and the shared FFN fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -196,12 +196,6 @@ class ElasticSLABlock(ElasticBlock):
         self.value_conv = ElasticConv2d(width, width, (VALUE_KERNEL,), depthwise=True, bias=True, band=band)
         self.output = ElasticLinear(width, channels)
         self.ffn = ElasticFeedForward(channels, choices)
-
-    def set_active(self, config: Any, in_channels: int, out_channels: int) -> None:
-        """Activate ``config``; raises ``ValueError`` on a value outside the choices or when widths differ."""
-        if in_channels != out_channels:
-            raise ValueError(f"sla keeps its width: in_channels must equal out_channels, got {in_channels} and {out_channels}")
-        super().set_active(config, in_channels, out_channels)
 
     def _rows(self, device: torch.device) -> torch.Tensor:
         return head_rows(self.config.num_heads, self.config.head_dim, self.max_head_dim, device)
