@@ -88,7 +88,7 @@ def command_train(args: argparse.Namespace) -> int:
 
     config = _load_config(args.space)
     args.held.enter_context(RunLock(Path(args.out)))
-    result = train(config, Path(args.out), resume=args.resume, progress=_progress_factory())
+    result = train(config, Path(args.out), resume=args.resume, progress=_progress_factory(), workers=args.workers, address=args.address)
     _print_metrics(result.metrics)
     print(f"run directory: {result.run_dir}")
     return 0
@@ -213,7 +213,7 @@ def command_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     resume = args.resume or RunDir(out).checkpoint.exists()
     print(f"[1/3] supernet: {config.space.name} ({config.space.count():,} subnets) in {out}", file=sys.stderr)
-    result = train(config, out, resume=resume, progress=_progress_factory())
+    result = train(config, out, resume=resume, progress=_progress_factory(), workers=args.workers or 1, address=args.address)
     _print_metrics(result.metrics)
     elapsed["training"] = time.perf_counter() - started
     where = f"Ray cluster {args.address}" if args.address else (f"{settings.workers} local Ray workers" if settings.workers > 1 else "in process")
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("space")
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1: in process, no Ray; N > 1: Ray Train, N workers)")
+    train.add_argument("--address", help="train on an existing Ray cluster ('auto' or HOST:PORT); --out must be on storage every node sees")
     train.set_defaults(handler=command_train)
 
     export = commands.add_parser("export", help="export subnets of a trained (and searched) run to ONNX")

@@ -8,6 +8,7 @@ RUN/
   origin.json          the folder the space file came from (its plugins: are resolved against it)
   checkpoint/          weights.safetensors + state.json (replaced atomically after every epoch; .tmp/.old beside)
   log.jsonl            one line per epoch
+  attempts.jsonl  ray_train/   training on Ray (--workers > 1): one line per worker-group start; Ray Train's storage
   metrics.json         accuracies of the largest and smallest subnets (and per block family)
   search/study.journal the Optuna study;   search/latency.jsonl  every latency measurement with its fingerprint
   trials.csv  pareto.json  pareto.png  report.md
@@ -96,6 +97,16 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
+
+    @property
+    def attempts(self) -> Path:
+        """One line per start of a distributed training's worker group (``nas.training.distributed``)."""
+        return self.root / "attempts.jsonl"
+
+    @property
+    def ray_train(self) -> Path:
+        """Ray Train's own storage for the run (its reports; nasforge's checkpoint stays in ``checkpoint/``)."""
+        return self.root / "ray_train"
 
     @property
     def search(self) -> Path:

@@ -92,12 +92,16 @@ def iterate_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    rows: slice | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(inputs, targets)`` mini-batches that cover ``split`` once.
 
     Batches are ``inputs[B, ...]`` and ``targets[B, ...]`` with ``B == batch_size`` except possibly the last
     (dropped when ``drop_last``). With ``shuffle`` the order is ``torch.randperm`` drawn from ``generator``
     (the global torch generator when it is ``None``); without it, batches are views in dataset order.
+
+    ``rows`` keeps only those rows of every batch (a data-parallel worker's share of the global batch; only the
+    kept samples are gathered): every worker draws the same order and trains its own part of each batch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -107,9 +111,10 @@ def iterate_batches(
     for start in range(0, stop, batch_size):
         end = min(start + batch_size, stop)
         if order is None:
-            yield split.inputs[start:end], split.targets[start:end]
+            inputs, targets = split.inputs[start:end], split.targets[start:end]
+            yield (inputs, targets) if rows is None else (inputs[rows], targets[rows])
         else:
-            index = order[start:end]
+            index = order[start:end] if rows is None else order[start:end][rows]
             yield split.inputs[index], split.targets[index]
 
 

@@ -40,6 +40,7 @@ from nas.supernets.strategies import STRATEGIES, FrozenTeacher, InplaceTeacher, 
 from nas.supernets.supernet import Supernet
 from nas.training.checkpoint import RunError, checkpoint_dir, load_checkpoint, load_run, prepare_run_dir, save_checkpoint
 from nas.training.evaluation import correct_and_total, evaluate_arch, prepare_batch, run_calibration_batches
+from nas.training.world import World
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,17 @@ def build_strategy(config: RunConfig, steps_per_epoch: int) -> TrainingStrategy[
     return STRATEGIES.get(training.strategy)(config.space, training.strategy_options(), schedule)
 
 
-def augment(inputs: torch.Tensor, generator: torch.Generator, max_shift: float = 0.1) -> torch.Tensor:
-    """Random translation of each image by up to ``max_shift`` of its size. inputs: [B, C, H, W]."""
+def augment(
+    inputs: torch.Tensor, generator: torch.Generator, max_shift: float = 0.1, *, batch_size: int | None = None, rows: slice | None = None
+) -> torch.Tensor:
+    """Random translation of each image by up to ``max_shift`` of its size. inputs: [B, C, H, W].
+
+    A data-parallel worker passes the global ``batch_size`` and its ``rows`` of it (``inputs`` holds those rows):
+    the shifts are drawn for the whole batch, as one worker would, and this worker's rows applied."""
+    shifts = (torch.rand(batch_size or inputs.shape[0], 2, generator=generator) * 2 - 1) * max_shift * 2
+    if rows is not None:
+        shifts = shifts[rows]
     batch = inputs.shape[0]
-    shifts = (torch.rand(batch, 2, generator=generator) * 2 - 1) * max_shift * 2
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0] = 1
     theta[:, 1, 1] = 1
@@ -173,10 +181,12 @@ def train_step(
     lr: float,
     label_smoothing: float = 0.0,
     frozen: Mapping[str, Supernet] | None = None,
+    world: World | None = None,
 ) -> tuple[float, int, int]:
     """Train one batch on ``tasks``: gradients of consecutive tasks with equal ``lr_scale`` accumulate into one
     optimizer update at ``lr * lr_scale``. Returns the first task's loss, hits and scored count.
-    inputs: [B, C, H, W] or [B, L]; targets: [B] or [B, L]."""
+    inputs: [B, C, H, W] or [B, L]; targets: [B] or [B, L]. With a ``world`` of several workers, ``inputs`` is this
+    worker's share of the batch and the gradients are averaged over the workers before every update."""
     if not tasks:
         raise StrategyError("a step needs at least one task, got none")
     teachers = StepTeachers(frozen or {}, inputs, targets)
@@ -199,6 +209,8 @@ def train_step(
                 teachers.inplace = logits.detach()
             if stats is None:
                 stats = (float(loss.detach()), *correct_and_total(logits.detach(), y))
+        if world is not None:
+            world.average_gradients(parameter for group in optimizer.param_groups for parameter in group["params"])
         for group in optimizer.param_groups:
             group["lr"] = lr * tasks[start].lr_scale
         optimizer.step()
@@ -255,6 +267,10 @@ def final_metrics(supernet: Supernet, config: RunConfig, task_data: TaskData) ->
     return metrics
 
 
+EpochDone = Callable[[dict[str, Any]], None]
+"""Called by every worker after each epoch's checkpoint is written, with the epoch's log record."""
+
+
 @locks_run_dir("run_dir", create=True)
 def train(
     config: RunConfig,
@@ -264,20 +280,58 @@ def train(
     progress: ProgressFactory | None = None,
     task_data: TaskData | None = None,
     stop_after_epochs: int | None = None,
+    workers: int = 1,
+    address: str | None = None,
 ) -> TrainResult:
     """Train the supernet of ``config`` into ``run_dir`` (see the module docstring).
 
     ``stop_after_epochs`` ends the call after that many epochs of this invocation (used by tests and by callers
     that train in slices); the final evaluation runs only when all epochs are done.
 
+    ``workers`` > 1 or an ``address`` trains data-parallel on Ray Train (``nas.training.distributed``): the same
+    job, each worker on its share of every batch; ``workers`` 1 without an address trains in this process.
+
     The call holds the run folder's lock (``nas.run_lock``): a folder another process holds raises ``RunBusyError``
     at once. A damaged checkpoint falls back to the previous one or is a ``RunError`` naming the file.
     """
-    training = config.training
     run_dir = Path(run_dir)
-    task_data = task_data or load_task_data(config.task, config.space, seed=training.seed)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise RunError(f"--workers must be an integer >= 1, got {workers!r}")
+    if config.training.batch_size % workers:
+        raise RunError(f"training.batch_size ({config.training.batch_size}) must be a multiple of --workers ({workers}): each worker trains an equal share")
     completed = prepare_run_dir(run_dir, config, resume)
-    durable.set_aside_cut_record(RunDir(run_dir).log)
+    if workers > 1 or address:
+        from nas.training.distributed import train_on_ray
+
+        return train_on_ray(
+            config, run_dir, workers=workers, address=address, completed=completed, progress=progress, task_data=task_data, stop_after_epochs=stop_after_epochs
+        )
+    metrics = train_worker(config, run_dir, progress=progress, task_data=task_data, stop_after_epochs=stop_after_epochs)
+    return TrainResult(run_dir, metrics, completed)
+
+
+def train_worker(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    world: World | None = None,
+    progress: ProgressFactory | None = None,
+    task_data: TaskData | None = None,
+    stop_after_epochs: int | None = None,
+    epoch_done: EpochDone | None = None,
+) -> dict[str, Any]:
+    """One worker's training of the prepared run folder ``run_dir``, from its newest checkpoint if it has one.
+    Returns the final metrics once every epoch is done (``{}`` before that, and on workers other than rank 0).
+
+    Every worker keeps the same supernet: same seeds, same subnets, its ``world.rows`` of every batch, gradients
+    averaged at every update (``nas.training.world``). Rank 0 alone writes the checkpoint, the log and the metrics.
+    """
+    world = world or World()
+    training = config.training
+    world.check_batch(training.batch_size)
+    task_data = task_data or load_task_data(config.task, config.space, seed=training.seed)
+    if world.writes:
+        durable.set_aside_cut_record(RunDir(run_dir).log)
     steps_per_epoch = max(1, len(task_data.train.targets) // training.batch_size)
     strategy = build_strategy(config, steps_per_epoch)
     torch.manual_seed(training.seed)
@@ -285,15 +339,16 @@ def train(
     optimizer = make_optimizer(supernet, training)
     state: dict[str, Any] = {"epochs_completed": 0, "train_seconds": 0.0, "history": [], "phase": None, "strategy": strategy.state_dict()}
     frozen: dict[str, Supernet] = {}
-    if completed:
-        folder = checkpoint_dir(run_dir)
-        assert folder is not None
+    folder = checkpoint_dir(run_dir)
+    if folder is not None:
         state, frozen_weights = load_checkpoint(folder, supernet, optimizer)
         for name, weights in frozen_weights.items():
             frozen[name] = freeze(supernet)
             frozen[name].load_state_dict(weights)
         strategy.load_state_dict(state.get("strategy", {}))
-        logger.info("resuming %s after epoch %d (phase %s)", run_dir, completed, state.get("phase"))
+        logger.info("resuming %s after epoch %d (phase %s)", run_dir, state["epochs_completed"], state.get("phase"))
+    completed = int(state["epochs_completed"])
+    rows = world.rows(training.batch_size)
     bar = progress(training.epochs * steps_per_epoch, "train", completed * steps_per_epoch) if progress else None
     epochs_run = 0
     try:
@@ -311,10 +366,10 @@ def train(
                 state["phase"] = phase.name
             supernet.train()
             totals = [0.0, 0, 0]
-            batches = iterate_batches(task_data.train, training.batch_size, shuffle=True, generator=generator, drop_last=True)
+            batches = iterate_batches(task_data.train, training.batch_size, shuffle=True, generator=generator, drop_last=True, rows=rows)
             for step, (inputs, targets) in enumerate(batches):
                 if training.augment and config.space.modality == "image":
-                    inputs = augment(inputs, generator)
+                    inputs = augment(inputs, generator, batch_size=training.batch_size, rows=rows)
                 tasks = strategy.tasks(phase, rng, epoch, step)
                 loss, hits, count = train_step(
                     supernet,
@@ -325,6 +380,7 @@ def train(
                     lr=strategy.learning_rate(epoch, step),
                     label_smoothing=training.label_smoothing,
                     frozen=frozen,
+                    world=world,
                 )
                 totals[0] += loss
                 totals[1] += hits
@@ -334,26 +390,34 @@ def train(
                     bar.set_postfix(
                         {"epoch": epoch + 1, "phase": phase.name, "loss": f"{totals[0] / (step + 1):.3f}", "acc": f"{totals[1] / max(totals[2], 1):.3f}"}
                     )
-            record = {"epoch": epoch + 1, "phase": phase.name, "loss": totals[0] / steps_per_epoch, "train_accuracy": totals[1] / max(totals[2], 1)}
+            loss_sum, hits, count = world.sum(totals)
+            world.average_buffers(supernet)
+            record = {"epoch": epoch + 1, "phase": phase.name, "loss": loss_sum / world.size / steps_per_epoch, "train_accuracy": hits / max(count, 1)}
             state["history"].append(record)
             state["epochs_completed"] = epoch + 1
             state["train_seconds"] = state["train_seconds"] + time.perf_counter() - started
             state["strategy"] = strategy.state_dict()
-            save_checkpoint(run_dir, supernet, optimizer, state, frozen)
-            jsonio.append_line(RunDir(run_dir).log, record)
-            logger.info("epoch %d/%d (%s) loss %.4f accuracy %.4f", epoch + 1, training.epochs, phase.name, record["loss"], record["train_accuracy"])
+            if world.writes:
+                save_checkpoint(run_dir, supernet, optimizer, state, frozen)
+                jsonio.append_line(RunDir(run_dir).log, record)
+                logger.info("epoch %d/%d (%s) loss %.4f accuracy %.4f", epoch + 1, training.epochs, phase.name, record["loss"], record["train_accuracy"])
+            world.barrier()
+            if epoch_done is not None:
+                epoch_done(record)
             epochs_run += 1
     finally:
         if bar is not None:
             bar.close()
     metrics: dict[str, Any] = {}
-    if state["epochs_completed"] == training.epochs:
+    if state["epochs_completed"] == training.epochs and world.writes:
         metrics = final_metrics(supernet, config, task_data)
         metrics["epochs"] = training.epochs
         metrics["phases"] = [record.get("phase") for record in state["history"]]
         metrics["train_seconds"] = state["train_seconds"]
+        if world.size > 1:
+            metrics["workers"] = world.size
         jsonio.write(RunDir(run_dir).metrics, metrics)
-    return TrainResult(run_dir, metrics, completed)
+    return metrics
 
 
-__all__ = ["RunError", "TrainResult", "build_strategy", "load_run", "train", "train_step"]
+__all__ = ["RunError", "TrainResult", "World", "build_strategy", "load_run", "train", "train_step", "train_worker"]
