@@ -16,6 +16,7 @@ wants to walk it itself gets ``SamplerOptions.walk`` (the space's decision walk,
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import warnings
 from collections.abc import Callable
@@ -109,5 +110,10 @@ def make_sampler(name: str, *, seed: int, population_size: int = 16, walk: Param
     logger.debug("making sampler %s (seed=%s, population_size=%d, walk=%s)", name, seed, population_size, walk is not None)
     return SAMPLERS.get(name)(SamplerOptions(seed=seed, population_size=population_size, walk=walk))
 
+
+if importlib.util.find_spec("nni") is not None:
+    from nas.search import nni_samplers
+
+    nni_samplers.register(SAMPLERS)
 
 __all__ = ["SAMPLERS", "ParamWalk", "SamplerFactory", "SamplerOptions", "make_sampler"]
