@@ -88,10 +88,17 @@ def command_train(args: argparse.Namespace) -> int:
 
     config = _load_config(args.space)
     args.held.enter_context(RunLock(Path(args.out)))
+    _announce_ray_training(args.workers, args.address)
     result = train(config, Path(args.out), resume=args.resume, progress=_progress_factory(), workers=args.workers, address=args.address)
     _print_metrics(result.metrics)
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def _announce_ray_training(workers: int, address: str | None) -> None:
+    if workers > 1 or address:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        print(f"training with {workers} Ray Train worker(s) on {where}; the bar advances an epoch at a time once they have started", file=sys.stderr)
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -213,6 +220,7 @@ def command_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     resume = args.resume or RunDir(out).checkpoint.exists()
     print(f"[1/3] supernet: {config.space.name} ({config.space.count():,} subnets) in {out}", file=sys.stderr)
+    _announce_ray_training(args.workers or 1, args.address)
     result = train(config, out, resume=resume, progress=_progress_factory(), workers=args.workers or 1, address=args.address)
     _print_metrics(result.metrics)
     elapsed["training"] = time.perf_counter() - started
@@ -364,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nas.export.onnx import ExportError
     from nas.latency.targets import LatencyError
     from nas.predictors.base import PredictorError
+    from nas.ray_connect import RayConnectError
     from nas.run_lock import RunBusyError
     from nas.search.evaluators import EvaluatorStartError
     from nas.search.journal import JournalError
@@ -379,7 +388,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, ArchError, RunError, UsageError, LatencyError, EvaluatorStartError, RunBusyError, JournalError, StrategyError, PredictorError) as error:
+    except (
+        DataError,
+        ArchError,
+        RunError,
+        UsageError,
+        LatencyError,
+        EvaluatorStartError,
+        RunBusyError,
+        JournalError,
+        StrategyError,
+        PredictorError,
+        RayConnectError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExportError as error:

@@ -8,7 +8,8 @@ RUN/
   origin.json          the folder the space file came from (its plugins: are resolved against it)
   checkpoint/          weights.safetensors + state.json (replaced atomically after every epoch; .tmp/.old beside)
   log.jsonl            one line per epoch
-  attempts.jsonl  ray_train/   training on Ray (--workers > 1): one line per worker-group start; Ray Train's storage
+  attempts.jsonl       one line per start of training (time, workers, the epoch it resumed from, host)
+  ray_train/           Ray Train's own storage when training ran on Ray (--workers > 1 or --address)
   metrics.json         accuracies of the largest and smallest subnets (and per block family)
   search/study.journal the Optuna study;   search/latency.jsonl  every latency measurement with its fingerprint
   trials.csv  pareto.json  pareto.png  report.md
@@ -100,7 +101,7 @@ class RunDir:
 
     @property
     def attempts(self) -> Path:
-        """One line per start of a distributed training's worker group (``nas.training.distributed``)."""
+        """One line per start of training: in process, or of a Ray Train worker group (restarts included)."""
         return self.root / "attempts.jsonl"
 
     @property

@@ -76,6 +76,12 @@ class Registry(Generic[T]):
         self._discover = discover
         self._discovered = discover is None
         self._entries: dict[str, Registered[T]] = {}
+        self._missing: dict[str, str] = {}
+
+    def needs(self, name: str, requirement: str) -> None:
+        """Declare ``name`` as an entry that is not registered because ``requirement`` is not installed (an optional
+        extra): it stays out of ``names()``, and asking for it says what to install instead of "did you mean"."""
+        self._missing[name] = requirement
 
     def register(self, name: str, value: T, *, source: str | None = None, **metadata: Any) -> T:
         """Add ``value`` under ``name``; raises ``DuplicateNameError`` if the name is taken."""
@@ -136,6 +142,8 @@ class Registry(Generic[T]):
         names = self.names()
         if isinstance(name, str) and name in names:
             return None
+        if isinstance(name, str) and name in self._missing:
+            return f"{name!r} needs {self._missing[name]}; installed: {list(names)}"
         return f"must be one of {list(names)}, got {name!r}{did_you_mean(name, names)}"
 
     def __contains__(self, name: object) -> bool:

@@ -24,13 +24,14 @@ from typing import Any, Protocol
 import torch
 
 from nas.data.splits import Split
+from nas.ray_connect import connect, import_ray
 from nas.supernets.costs import arch_cost
 from nas.supernets.space import Arch
 from nas.training.evaluation import CalibrationBatches, prepare_batch, recalibrate_batch_norm
 
 logger = logging.getLogger(__name__)
 
-RAY_INSTALL_HINT = 'pip install -c constraints.txt "ray>=2.10"'
+SEARCH_PURPOSE = "parallel search (--workers > 1 or --address)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,11 +187,7 @@ class InProcessPool:
 
 
 def _ray() -> Any:
-    try:
-        import ray
-    except ImportError as error:
-        raise ImportError(f"parallel search (--workers > 1 or --address) needs Ray: {RAY_INSTALL_HINT}") from error
-    return ray
+    return import_ray(SEARCH_PURPOSE)
 
 
 @dataclass
@@ -218,13 +215,7 @@ class RayPool:
 
     def __post_init__(self) -> None:
         ray = _ray()
-        if not ray.is_initialized():
-            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-            if self.address:
-                ray.init(address=self.address, **options)
-            else:
-                ray.init(num_cpus=self.workers, object_store_memory=256 * 1024**2, **options)
-            self.started_ray = True
+        self.started_ray = connect(self.address, self.workers, SEARCH_PURPOSE)
         self._remote_class = ray.remote(num_cpus=1, max_restarts=0)(_RemoteEvaluator)
         self._payload_ref = ray.put(self.payload)
         self.actors = [self._new_actor(index) for index in range(self.workers)]

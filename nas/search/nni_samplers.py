@@ -68,7 +68,7 @@ MNASNET_EXPONENT = -0.07
 """The exponent of MnasNet's soft latency reward ``accuracy * (latency / T) ** exponent``."""
 
 TPE_MAX_STARTUP_TRIALS = 10
-INSTALL_HINT = 'pip install "nasforge[nni]"'
+INSTALL_HINT = 'pip install -c constraints.txt -e ".[nni]"'
 
 
 class TunerDriver(Protocol):
@@ -93,6 +93,7 @@ def _import_nni() -> Any:
     except ImportError as error:
         raise ImportError(f"the NNI samplers need NNI 3.0: {INSTALL_HINT} ({error})") from error
     nni.silence_stdout()
+    logging.getLogger("nni").setLevel(max(logging.WARNING, logging.getLogger("nni").getEffectiveLevel()))
     return nni
 
 

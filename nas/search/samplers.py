@@ -111,9 +111,12 @@ def make_sampler(name: str, *, seed: int, population_size: int = 16, walk: Param
     return SAMPLERS.get(name)(SamplerOptions(seed=seed, population_size=population_size, walk=walk))
 
 
-if importlib.util.find_spec("nni") is not None:
-    from nas.search import nni_samplers
+from nas.search import nni_samplers  # noqa: E402 - registers after the built-in samplers; imports no NNI itself
 
+if importlib.util.find_spec("nni") is not None:
     nni_samplers.register(SAMPLERS)
+else:
+    for _name in nni_samplers.ALGORITHMS:
+        SAMPLERS.needs(_name, f"NNI, which is not installed ({nni_samplers.INSTALL_HINT})")
 
 __all__ = ["SAMPLERS", "ParamWalk", "SamplerFactory", "SamplerOptions", "make_sampler"]

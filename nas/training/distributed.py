@@ -25,20 +25,18 @@ import logging
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from nas import jsonio
-from nas.run_dir import CHECKPOINT_STATE, RunDir
+from nas.ray_connect import RAY_INSTALL_HINT, connect
+from nas.run_dir import RunDir
 from nas.space.schema import RunConfig, parse_config
-from nas.training.checkpoint import RunError, checkpoint_dir
+from nas.training.checkpoint import RunError
 from nas.training.loop import ProgressFactory, TrainResult, train_worker
 from nas.training.world import World
 
 logger = logging.getLogger(__name__)
 
-RAY_TRAIN_INSTALL_HINT = 'pip install -c constraints.txt "ray[train]>=2.10"'
 MAX_FAILURES = 3
 """How many times Ray Train starts the worker group again after a worker died, before the run fails."""
 
@@ -47,13 +45,16 @@ class DistributedTrainingError(RunError):
     """Training on Ray ended without finishing (the message carries the workers' error)."""
 
 
+PURPOSE = "training with --workers > 1 or --address"
+
+
 def _ray_train() -> Any:
     try:
         import ray
         import ray.train
         import ray.train.torch
     except ImportError as error:
-        raise ImportError(f"training with --workers > 1 or --address needs Ray Train: {RAY_TRAIN_INSTALL_HINT} ({error})") from error
+        raise ImportError(f"{PURPOSE} needs Ray Train: {RAY_INSTALL_HINT} ({error})") from error
     return ray
 
 
@@ -73,12 +74,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             "--out must be on storage every node mounts at the same path"
         )
     config = parse_config(layout.config.read_text(), str(layout.config), base_dir=layout.origin_dir(), check_constraints=False)
-    if world.writes:
-        folder = checkpoint_dir(run_dir)
-        resumed = int(json.loads((folder / CHECKPOINT_STATE).read_text())["epochs_completed"]) if folder is not None else 0
-        jsonio.append_line(
-            layout.attempts, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": world.size, "resumed_from_epoch": resumed, "host": socket.gethostname()}
-        )
 
     def report(record: dict[str, Any]) -> None:
         ray.train.report({"epoch": record["epoch"], "loss": record["loss"]})
@@ -133,62 +128,68 @@ def train_on_ray(
     workers: int,
     address: str | None,
     completed: int,
+    steps_per_epoch: int,
     progress: ProgressFactory | None = None,
     task_data: Any = None,
     stop_after_epochs: int | None = None,
     max_failures: int = MAX_FAILURES,
 ) -> TrainResult:
     """Train the prepared run folder ``run_dir`` with ``workers`` Ray Train workers (see the module docstring).
-    ``address``: an existing Ray cluster (``auto`` or HOST:PORT); without it a local Ray with ``workers`` CPUs is
-    started (or the one this process already started is used)."""
+    ``task_data``: the data every worker trains on when the caller has it in hand (sent through Ray's object store);
+    None, and each worker loads the space's dataset itself. ``address``: an existing Ray cluster (``auto`` or
+    HOST:PORT); without it a local Ray with ``workers`` CPUs is started (or the one this process started is used).
+    ``steps_per_epoch`` sizes the progress bar."""
     ray = _ray_train()
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
-    started_ray = False
-    if not ray.is_initialized():
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=workers, object_store_memory=256 * 1024**2, **options)
-        started_ray = True
+    threads = max(1, int(os.environ.get("NASFORGE_THREADS_PER_WORKER", "1")))
+    started_ray = connect(address, workers * threads, PURPOSE)
     run_dir = Path(run_dir).resolve()
     layout = RunDir(run_dir)
     use_gpu = bool(ray.cluster_resources().get("GPU", 0) >= workers)
-    threads = max(1, int(os.environ.get("NASFORGE_THREADS_PER_WORKER", "1")))
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"run_dir": str(run_dir), "task_data": task_data, "stop_after_epochs": stop_after_epochs, "threads": threads},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"GPU": 1} if use_gpu else {"CPU": threads}),
         run_config=RayRunConfig(name="train", storage_path=str(layout.ray_train), failure_config=FailureConfig(max_failures=max_failures)),
     )
-    steps_per_epoch = 0
     follower = None
     stop = threading.Event()
     if progress is not None:
-        from nas.data.tasks import load_task_data
-
-        train_size = len((task_data or load_task_data(config.task, config.space, seed=config.training.seed)).train.targets)
-        steps_per_epoch = max(1, train_size // config.training.batch_size)
         follower = threading.Thread(
             target=_follow_log, args=(run_dir, progress, config.training.epochs * steps_per_epoch, steps_per_epoch, completed, stop), daemon=True
         )
         follower.start()
     logger.info("training %s on %d Ray Train workers (%s)", run_dir, workers, "GPU, NCCL" if use_gpu else "CPU, gloo")
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread below
+            outcome["error"] = error
+
+    # fit() runs in a thread of its own so that Ctrl-C reaches this thread as KeyboardInterrupt (Ray Train's own
+    # SIGINT handler, installed only from the main thread, aborts and exits the process with status 1).
+    runner = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    runner.start()
     try:
-        result = trainer.fit()
-    except Exception as error:
-        raise DistributedTrainingError(f"training on Ray with {workers} workers failed after {max_failures} restarts: {error}") from error
+        while runner.is_alive():
+            runner.join(0.5)
     finally:
         stop.set()
         if follower is not None:
             follower.join()
-        if started_ray:
+        if started_ray or runner.is_alive():
             ray.shutdown()
-    if getattr(result, "error", None) is not None:
-        raise DistributedTrainingError(f"training on Ray with {workers} workers failed: {result.error}")
+    error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+    if error is not None:
+        raise DistributedTrainingError(
+            f"training on Ray with {workers} workers failed: {error}. Ray Train starts the workers again up to {max_failures} times "
+            f"after a worker dies ({layout.attempts} lists every start); the run continues from its last checkpoint with --resume"
+        )
     metrics = json.loads(layout.metrics.read_text()) if layout.metrics.exists() else {}
     return TrainResult(run_dir, metrics, completed)
 

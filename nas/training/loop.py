@@ -11,13 +11,17 @@ training ends, ``metrics.json``.
 
 Every random draw of epoch ``e`` comes from generators seeded with ``(seed, e)``, and a phase starts after that
 seeding, so a run resumed from the checkpoint of epoch ``e - 1`` continues exactly as the uninterrupted run would
-have.
+have. Data-parallel workers (``nas.training.world``) share every draw that decides what is trained (batch order,
+augmentation, subnets, a phase's transform of the weights); after the phase has started, each reseeds torch's
+global generator with its rank, so that dropout masks differ between workers as they differ between the rows of one
+worker's batch.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -267,6 +271,14 @@ def final_metrics(supernet: Supernet, config: RunConfig, task_data: TaskData) ->
     return metrics
 
 
+def record_attempt(layout: RunDir, workers: int, resumed_from_epoch: int) -> None:
+    """One line of ``attempts.jsonl`` for every start (or restart) of training: when, where, how many workers."""
+    jsonio.append_line(
+        layout.attempts,
+        {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": workers, "resumed_from_epoch": resumed_from_epoch, "host": socket.gethostname()},
+    )
+
+
 EpochDone = Callable[[dict[str, Any]], None]
 """Called by every worker after each epoch's checkpoint is written, with the epoch's log record."""
 
@@ -299,14 +311,28 @@ def train(
         raise RunError(f"--workers must be an integer >= 1, got {workers!r}")
     if config.training.batch_size % workers:
         raise RunError(f"training.batch_size ({config.training.batch_size}) must be a multiple of --workers ({workers}): each worker trains an equal share")
-    completed = prepare_run_dir(run_dir, config, resume)
     if workers > 1 or address:
+        from nas.ray_connect import check
+
+        check(address, workers)
+    data = task_data or load_task_data(config.task, config.space, seed=config.training.seed)
+    completed = prepare_run_dir(run_dir, config, resume)
+    if (workers > 1 or address) and completed < config.training.epochs:
         from nas.training.distributed import train_on_ray
 
+        steps_per_epoch = max(1, len(data.train.targets) // config.training.batch_size)
         return train_on_ray(
-            config, run_dir, workers=workers, address=address, completed=completed, progress=progress, task_data=task_data, stop_after_epochs=stop_after_epochs
+            config,
+            run_dir,
+            workers=workers,
+            address=address,
+            completed=completed,
+            steps_per_epoch=steps_per_epoch,
+            progress=progress,
+            task_data=task_data,
+            stop_after_epochs=stop_after_epochs,
         )
-    metrics = train_worker(config, run_dir, progress=progress, task_data=task_data, stop_after_epochs=stop_after_epochs)
+    metrics = train_worker(config, run_dir, progress=progress, task_data=data, stop_after_epochs=stop_after_epochs)
     return TrainResult(run_dir, metrics, completed)
 
 
@@ -348,6 +374,8 @@ def train_worker(
         strategy.load_state_dict(state.get("strategy", {}))
         logger.info("resuming %s after epoch %d (phase %s)", run_dir, state["epochs_completed"], state.get("phase"))
     completed = int(state["epochs_completed"])
+    if world.writes and completed < training.epochs:
+        record_attempt(RunDir(run_dir), world.size, completed)
     rows = world.rows(training.batch_size)
     bar = progress(training.epochs * steps_per_epoch, "train", completed * steps_per_epoch) if progress else None
     epochs_run = 0
@@ -364,6 +392,8 @@ def train_worker(
             if phase.name != state.get("phase"):
                 optimizer = start_phase(strategy, phase, epoch, supernet, optimizer, frozen, training)
                 state["phase"] = phase.name
+            if world.size > 1:
+                torch.manual_seed(epoch_seed(seed, world.rank))
             supernet.train()
             totals = [0.0, 0, 0]
             batches = iterate_batches(task_data.train, training.batch_size, shuffle=True, generator=generator, drop_last=True, rows=rows)

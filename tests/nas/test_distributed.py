@@ -182,13 +182,33 @@ def ray_train_workers(parent: int) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny digits space trained by `nas train` with 1 worker, 2 workers, and 2 workers of which one is
-    SIGKILLed during epoch 2. The two-worker runs go one after the other (each starts its own local Ray)."""
+    SIGKILLed during epoch 2. The two-worker runs go one after the other (each starts its own local Ray); the first
+    while a Ray cluster started by `ray start` runs on the machine, which a local run must not try to join."""
     root = tmp_path_factory.mktemp("ray")
     space = root / "space.yaml"
     space.write_text(DIGITS.replace("task: {dataset: digits, input_shape: [1, 8, 8], num_classes: 10}\n", "", 1))
     runs = {"one": root / "one", "two": root / "two", "killed": root / "killed"}
     single = nas_train(space, runs["one"])
-    finish(nas_train(space, runs["two"], "--workers", "2"))
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            f"--port={free_port()}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    try:
+        finish(nas_train(space, runs["two"], "--workers", "2"))
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
     finish(single)
     killed = nas_train(space, runs["killed"], "--workers", "2")
     log = runs["killed"] / "log.jsonl"

@@ -116,13 +116,17 @@ def test_nni_evolution_leaves_the_global_random_state_alone() -> None:
     assert random.getstate() == before
 
 
-def test_without_nni_the_names_are_absent_and_nni_is_not_imported() -> None:
+def test_without_nni_the_names_are_absent_and_asking_for_one_says_what_to_install() -> None:
     script = (
         "import sys\nsys.modules['nni'] = None\nfrom nas.search.samplers import SAMPLERS\n"
-        "print(sorted(name for name in SAMPLERS.names() if name.startswith('nni')), 'nas.search.nni_samplers' in sys.modules)"
+        "print(sorted(name for name in SAMPLERS.names() if name.startswith('nni')), any(name.startswith('nni.') for name in sys.modules))\n"
+        "print(SAMPLERS.problem('nni_evolution'))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[] False", result.stdout + result.stderr
+    names, problem = result.stdout.strip().splitlines()
+    assert names == "[] False", result.stdout + result.stderr
+    assert problem.startswith("'nni_evolution' needs NNI, which is not installed (pip install -c constraints.txt -e \".[nni]\")"), problem
+    assert "did you mean" not in problem
 
 
 def test_listing_names_imports_neither_nni_nor_optuna() -> None:
