@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from nas.supernets.elastic import ElasticBatchNorm2d
@@ -34,3 +39,15 @@ def randomise_batch_norm(module: torch.nn.Module, seed: int = 0) -> None:
                 norm.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
                 norm.weight.copy_(torch.rand(size, generator=generator) + 0.5)
                 norm.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+
+
+def load_benchmark(name: str) -> Any:
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks are scripts, not a package), imported once."""
+    module_name = f"{name}_benchmark"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]

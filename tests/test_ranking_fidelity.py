@@ -3,9 +3,7 @@ and the ``--quick`` setting end to end (output structure, caching, resumption), 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +12,12 @@ import pytest
 import torch
 
 from nas.supernets.strategies import STRATEGIES
+from tests.helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_benchmark() -> Any:
-    name = "ranking_fidelity_benchmark"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "ranking_fidelity.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench = load_benchmark()
+bench = load_benchmark("ranking_fidelity")
 
 
 def test_perfect_and_reversed_rankings() -> None:

@@ -63,39 +63,17 @@ class World:
         sentinel (the number of gradients) that must come back ``size`` times itself."""
         if self.size == 1:
             return
-        import torch.distributed as dist
-
         gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
-        flat = torch.cat([gradient.reshape(-1) for gradient in gradients] + [torch.tensor([float(len(gradients))], dtype=torch.float32)])
-        dist.all_reduce(flat)
-        if int(flat[-1].item()) != len(gradients) * self.size:
+        total = _average_in_place(gradients, self.size, sentinel=float(len(gradients)))
+        if int(total) != len(gradients) * self.size:
             raise WorkerMismatchError(
-                f"worker {self.rank} has {len(gradients)} gradients, but the workers' total is {int(flat[-1].item())}: they trained different subnets"
+                f"worker {self.rank} has {len(gradients)} gradients, but the workers' total is {int(total)}: they trained different subnets"
             )
-        flat /= self.size
-        offset = 0
-        for gradient in gradients:
-            count = gradient.numel()
-            gradient.copy_(flat[offset : offset + count].view_as(gradient))
-            offset += count
 
     def average_buffers(self, module: nn.Module) -> None:
         """Average every floating-point buffer (batch-norm running statistics) over the workers."""
-        if self.size == 1:
-            return
-        import torch.distributed as dist
-
-        buffers = [buffer for buffer in module.buffers() if buffer.is_floating_point()]
-        if not buffers:
-            return
-        flat = torch.cat([buffer.reshape(-1) for buffer in buffers])
-        dist.all_reduce(flat)
-        flat /= self.size
-        offset = 0
-        for buffer in buffers:
-            count = buffer.numel()
-            buffer.copy_(flat[offset : offset + count].view_as(buffer))
-            offset += count
+        if self.size > 1:
+            _average_in_place([buffer for buffer in module.buffers() if buffer.is_floating_point()], self.size)
 
     def sum(self, values: list[float]) -> list[float]:
         """The element-wise sum of ``values`` over the workers (float64)."""
@@ -112,6 +90,21 @@ class World:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def _average_in_place(tensors: list[torch.Tensor], size: int, sentinel: float = 0.0) -> float:
+    """Divide the sum over the ``size`` workers of each tensor by ``size``, in place, with one all-reduce of one
+    flat float32 buffer that carries ``sentinel`` at its end; returns the sentinel's sum over the workers."""
+    import torch.distributed as dist
+
+    flat = torch.cat([tensor.reshape(-1).float() for tensor in tensors] + [torch.tensor([sentinel])])
+    dist.all_reduce(flat)
+    offset = 0
+    for tensor in tensors:
+        count = tensor.numel()
+        tensor.copy_((flat[offset : offset + count] / size).view_as(tensor))
+        offset += count
+    return float(flat[-1])
 
 
 __all__ = ["World", "WorkerMismatchError"]
